@@ -1,0 +1,3 @@
+"""mbembed: train, evaluate and ship MobileNet face-embedding models."""
+
+__version__ = "0.1.0"
