@@ -1,0 +1,103 @@
+"""The `mbembed` command line: a thin click layer over the library.
+
+Each command parses its options, loads the config, calls one library function and prints a
+summary. A `UserError` anywhere becomes one line `Error: <message>` and exit code 2.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from typing import Any, Callable
+
+import click
+
+from mobilenet_embed import __version__
+from mobilenet_embed.config import Config, dump_yaml, load_config
+from mobilenet_embed.errors import UserError
+
+
+class ErrorHandlingGroup(click.Group):
+    """A click group that turns UserError into `Error: ...` on stderr and exit code 2."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except UserError as exc:
+            click.echo(f"Error: {exc}", err=True)
+            ctx.exit(2)
+
+
+def config_options(func: Callable) -> Callable:
+    """Add `--config FILE` and repeatable `--set key=value`, passed on as `cfg: Config`."""
+
+    @click.option("--config", "-c", "config_path", type=click.Path(dir_okay=False), default=None,
+                  help="YAML config file (defaults in code when omitted).")
+    @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+                  help="Override one config key, value parsed as YAML (repeatable): --set train.epochs=3")
+    @functools.wraps(func)
+    def wrapper(*args: Any, config_path: str | None, overrides: tuple[str, ...], **kwargs: Any) -> Any:
+        return func(*args, cfg=load_config(config_path, overrides), **kwargs)
+
+    return wrapper
+
+
+def quiet_tensorflow() -> None:
+    """Silence TensorFlow's C++ start-up chatter unless the user asked for it."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+
+@click.group(cls=ErrorHandlingGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="mbembed")
+def main() -> None:
+    """mbembed: train, evaluate and export MobileNet face-embedding models."""
+    quiet_tensorflow()
+
+
+@main.group()
+def config() -> None:
+    """Inspect configurations."""
+
+
+@config.command("show")
+@config_options
+def config_show(cfg: Config) -> None:
+    """Print the resolved config (defaults, file, --set) as YAML."""
+    click.echo(dump_yaml(cfg), nl=False)
+
+
+@main.group()
+def model() -> None:
+    """Inspect the embedding model."""
+
+
+@model.command("summary")
+@config_options
+@click.option("--image-size", type=int, default=None,
+              help="Input size (default: data.image_size of the config).")
+@click.option("--layers/--no-layers", "show_layers", default=True, help="Print the layer table.")
+def model_summary(cfg: Config, image_size: int | None, show_layers: bool) -> None:
+    """Print layers, parameter count and multiply-adds of the configured model."""
+    from mobilenet_embed.model import build_model_from_config, multiply_adds
+
+    size = image_size if image_size is not None else cfg.data.image_size
+    if size < 32:
+        raise UserError(f"--image-size: expected an integer >= 32, received {size}")
+    net = build_model_from_config(cfg.model, size)
+    if show_layers:
+        net.summary(print_fn=lambda line, **_: click.echo(line))
+    trainable = sum(int(w.numpy().size) for w in net.trainable_weights)
+    click.echo(f"input: {size}x{size}x3, alpha {cfg.model.alpha:g}, depth_multiplier "
+               f"{cfg.model.depth_multiplier}, embedding {cfg.model.embedding_size}")
+    click.echo(f"parameters: {net.count_params():,} ({trainable:,} trainable)")
+    click.echo(f"multiply-adds: {multiply_adds(net):,}")
+
+
+def run() -> None:
+    """Console-script entry point."""
+    main(prog_name="mbembed")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(run())

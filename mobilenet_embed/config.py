@@ -1,0 +1,335 @@
+"""Typed experiment configuration: defaults in code, a YAML file on top, `--set` overrides last.
+
+Every key is a dataclass field with a type and, where it matters, a range or a set of choices.
+`load_config` refuses an unknown key, a wrong type or an out-of-range value before any work
+starts, with one line naming the file, the dotted key and what was received.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import yaml
+
+from mobilenet_embed.errors import UserError
+
+
+def _spec(default: Any = dataclasses.MISSING, *, factory: Callable[[], Any] | None = None,
+          low: float | None = None, high: float | None = None, low_open: bool = False,
+          high_open: bool = False, choices: tuple | None = None, doc: str = "") -> Any:
+    """A dataclass field with its validation rule and one-line documentation attached."""
+    meta = {"low": low, "high": high, "low_open": low_open, "high_open": high_open,
+            "choices": choices, "doc": doc}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class DataConfig:
+    source: str = _spec("synthetic", choices=("synthetic", "folder", "tfrecord"),
+                        doc="where images come from")
+    path: Optional[str] = _spec(None, doc="identity folder (folder) or shard glob (tfrecord)")
+    image_size: int = _spec(64, low=32, doc="square input size in pixels")
+    crop_fraction: float = _spec(1.0, low=0.0, high=1.0, low_open=True,
+                                 doc="central crop kept before resizing (LFW: about 0.6)")
+    augment: bool = _spec(True, doc="random crop, flip and colour jitter during training")
+    min_images_per_identity: int = _spec(2, low=1, doc="identities with fewer images are not trained on")
+    max_bad_fraction: float = _spec(0.01, low=0.0, high=1.0,
+                                    doc="refuse to train when more images than this are unreadable")
+    identities_file: Optional[str] = _spec(None, doc="train only on identities listed here (one per line, or LFW people.txt)")
+    exclude_identities_file: Optional[str] = _spec(None, doc="never train on identities listed here")
+    val_identities: float = _spec(0.1, low=0.0, high=1.0, high_open=True,
+                                  doc="fraction of identities held out for validation pairs")
+    synthetic_identities: int = _spec(200, low=2, doc="synthetic source: number of identities")
+    synthetic_images_per_identity: int = _spec(20, low=2, doc="synthetic source: images per identity")
+    shuffle_buffer: int = _spec(1024, low=0, doc="tfrecord source: shuffle buffer of records")
+
+
+@dataclass
+class ModelConfig:
+    alpha: float = _spec(1.0, low=0.0, low_open=True, doc="MobileNet width multiplier")
+    depth_multiplier: int = _spec(1, low=1, doc="depthwise channel multiplier")
+    embedding_size: int = _spec(128, low=2, doc="dimensions of the embedding")
+    dropout_keep_prob: float = _spec(0.4, low=0.0, high=1.0, low_open=True,
+                                     doc="keep probability of the dropout before the embedding layer")
+    backbone_weights: Optional[str] = _spec(
+        None, doc="weights file of keras.applications.MobileNet(include_top=False) to start from")
+
+
+@dataclass
+class LossConfig:
+    name: str = _spec("triplet_semihard", choices=("triplet_semihard", "triplet_hard", "triplet_batch_all"),
+                      doc="triplet loss and its mining")
+    margin: float = _spec(0.2, low=0.0, doc="triplet margin")
+    distance: str = _spec("squared-L2", choices=("L2", "squared-L2", "angular"), doc="distance the loss uses")
+    soft: bool = _spec(False, doc="triplet_hard: softplus instead of the margin hinge")
+
+
+@dataclass
+class TrainConfig:
+    identities_per_batch: int = _spec(16, low=2, doc="P: identities per batch")
+    images_per_identity: int = _spec(4, low=2, doc="K: images per identity")
+    epochs: int = _spec(1, low=1, doc="number of epochs")
+    steps_per_epoch: int = _spec(100, low=1, doc="optimizer steps per epoch")
+    optimizer: str = _spec("adam", choices=("adam", "adamw", "sgd", "rmsprop", "adagrad"), doc="optimizer")
+    learning_rate: float = _spec(0.001, low=0.0, low_open=True, doc="base learning rate")
+    momentum: float = _spec(0.9, low=0.0, high=1.0, doc="sgd / rmsprop momentum")
+    nesterov: bool = _spec(False, doc="sgd: Nesterov momentum")
+    weight_decay: float = _spec(0.0, low=0.0, doc="decoupled weight decay (adamw, sgd, ...)")
+    clip_norm: Optional[float] = _spec(None, low=0.0, low_open=True, doc="clip gradients to this global norm")
+    lr_schedule: str = _spec("constant", choices=("constant", "piecewise", "cosine"), doc="learning-rate schedule")
+    lr_piecewise: list = _spec(factory=list, doc="piecewise schedule: [[epoch, lr], ...] (FaceNet's schedule file)")
+    warmup_epochs: float = _spec(0.0, low=0.0, doc="cosine: linear warm-up length in epochs")
+    precision: str = _spec("float32", choices=("float32", "mixed_float16", "mixed_bfloat16"),
+                           doc="compute precision (embedding head and loss stay float32)")
+    jit_compile: bool = _spec(False, doc="compile the train step with XLA")
+    strategy: str = _spec("auto", choices=("auto", "default", "mirrored", "multi_worker"),
+                          doc="tf.distribute strategy")
+    cross_replica_mining: bool = _spec(False, doc="mine triplets over the global batch, not per replica")
+    checkpoint_every_steps: int = _spec(500, low=1, doc="write a checkpoint every N steps")
+    keep_checkpoints: int = _spec(3, low=1, doc="how many recent checkpoints to keep")
+    val_every_epochs: int = _spec(1, low=1, doc="validate every N epochs")
+    val_pairs: int = _spec(1000, low=10, doc="same + different pairs drawn from held-out identities")
+    log_every_steps: int = _spec(20, low=1, doc="logging interval (metrics.jsonl, TensorBoard, plain log)")
+    collapse_distance: float = _spec(0.01, low=0.0, doc="warn when the mean negative distance stays below this")
+    collapse_patience: int = _spec(5, low=1, doc="... for this many logging steps")
+
+
+@dataclass
+class EvalConfig:
+    pairs: Optional[str] = _spec(None, doc="pairs file (LFW pairs.txt format)")
+    data: Optional[str] = _spec(None, doc="image root the pairs refer to (default: data.path)")
+    folds: int = _spec(10, low=2, doc="cross-validation folds")
+    far_target: float = _spec(0.001, low=0.0, high=1.0, low_open=True, doc="FAR for VAL@FAR")
+    distance: str = _spec("squared-L2", choices=("squared-L2", "cosine"), doc="verification distance")
+    flip: bool = _spec(False, doc="average each embedding with its mirror image's")
+    batch_size: int = _spec(64, low=1, doc="images per inference batch")
+
+
+@dataclass
+class ExportConfig:
+    formats: list = _spec(factory=lambda: ["saved_model"],
+                          choices=("saved_model", "tflite_float32", "tflite_float16", "tflite_int8"),
+                          doc="what `mbembed export` writes")
+    representative_samples: int = _spec(200, low=1, doc="int8 calibration images")
+    parity_samples: int = _spec(64, low=1, doc="held-out images for the parity report")
+
+
+@dataclass
+class Config:
+    seed: int = _spec(0, low=0, doc="seed of everything random")
+    run_dir: str = _spec("runs/quickstart", doc="where checkpoints, logs and results go")
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+
+
+SECTIONS = ("data", "model", "loss", "train", "eval", "export")
+
+
+def _describe(value: Any) -> str:
+    return repr(value)
+
+
+def _expected(tp: Any, meta: dict) -> str:
+    """Human words for a field's type and range, e.g. 'an integer >= 2'."""
+    origin = typing.get_origin(tp)
+    optional = False
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        tp, optional = args[0], True
+    words = {int: "an integer", float: "a number", bool: "true or false", str: "a string",
+             list: "a list"}[tp]
+    if meta.get("choices") and tp is not list:
+        words = "one of " + ", ".join(meta["choices"])
+    rng = []
+    if meta.get("low") is not None:
+        rng.append(("> " if meta["low_open"] else ">= ") + f"{meta['low']:g}")
+    if meta.get("high") is not None:
+        rng.append(("< " if meta["high_open"] else "<= ") + f"{meta['high']:g}")
+    if rng:
+        words += " " + " and ".join(rng)
+    if optional:
+        words += " (or null)"
+    return words
+
+
+def _coerce(value: Any, tp: Any, meta: dict, where: str) -> Any:
+    """Check one value against its field's type and rule; return it converted (int -> float)."""
+    declared, received = tp, value
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None:
+            return None
+        tp = [a for a in typing.get_args(tp) if a is not type(None)][0]
+
+    def fail() -> None:
+        raise UserError(f"{where}: expected {_expected(declared, meta)}, received {_describe(received)}")
+
+    if tp is bool:
+        if not isinstance(value, bool):
+            fail()
+    elif tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            fail()
+    elif tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            fail()
+        value = float(value)
+    elif tp is str:
+        if not isinstance(value, str):
+            fail()
+    elif tp is list:
+        if not isinstance(value, list):
+            fail()
+        if meta.get("choices"):
+            for item in value:
+                if item not in meta["choices"]:
+                    raise UserError(f"{where}: expected a list of {', '.join(meta['choices'])}, "
+                                    f"received {_describe(value)}")
+        return value
+    if meta.get("choices") and value not in meta["choices"]:
+        fail()
+    low, high = meta.get("low"), meta.get("high")
+    if low is not None and (value < low or (meta["low_open"] and value == low)):
+        fail()
+    if high is not None and (value > high or (meta["high_open"] and value == high)):
+        fail()
+    return value
+
+
+def _hints(cls: type) -> dict:
+    return typing.get_type_hints(cls)
+
+
+def _apply(obj: Any, updates: dict, prefix: str, source: str) -> None:
+    """Set fields of dataclass `obj` from a mapping, validating each; unknown keys are errors."""
+    hints = _hints(type(obj))
+    fields = {f.name: f for f in dataclasses.fields(obj)}
+    for key, value in updates.items():
+        dotted = f"{prefix}{key}"
+        if key not in fields:
+            known = ", ".join(fields)
+            raise UserError(f"{source}: {dotted}: unknown key (known here: {known})")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, dict):
+                raise UserError(f"{source}: {dotted}: expected a mapping of keys, received {_describe(value)}")
+            _apply(getattr(obj, key), value, dotted + ".", source)
+        else:
+            setattr(obj, key, _coerce(value, tp, fields[key].metadata, f"{source}: {dotted}"))
+
+
+def _check_consistency(cfg: Config, source: str) -> None:
+    """Rules that tie several keys together."""
+    if cfg.data.source in ("folder", "tfrecord") and not cfg.data.path:
+        raise UserError(f"{source}: data.path: required when data.source is '{cfg.data.source}', received None")
+    if cfg.train.lr_schedule == "piecewise":
+        sched = cfg.train.lr_piecewise
+        ok = bool(sched) and all(isinstance(p, list) and len(p) == 2 and all(
+            isinstance(x, (int, float)) and not isinstance(x, bool) for x in p) for p in sched)
+        if not ok:
+            raise UserError(f"{source}: train.lr_piecewise: expected [[epoch, lr], ...] when "
+                            f"train.lr_schedule is 'piecewise', received {_describe(sched)}")
+    if not cfg.export.formats:
+        raise UserError(f"{source}: export.formats: expected at least one format, received []")
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Split `section.key=value`, parsing the value as YAML (so lists and numbers work)."""
+    if "=" not in text:
+        raise UserError(f"--set {text}: expected key=value, e.g. train.epochs=3")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise UserError(f"--set {text}: value is not valid YAML ({exc.__class__.__name__})") from None
+    return key.strip(), value
+
+
+def _nest(dotted: str, value: Any) -> dict:
+    out: Any = value
+    for part in reversed(dotted.split(".")):
+        out = {part: out}
+    return out
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults, then the YAML file at `path` (if any), then each `key=value` override in order."""
+    cfg = Config()
+    source = "defaults"
+    if path is not None:
+        source = str(path)
+        if not os.path.isfile(path):
+            raise UserError(f"{source}: config file not found")
+        try:
+            with open(path, encoding="utf-8") as fh:
+                data = yaml.safe_load(fh)
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f"{source}:{mark.line + 1}" if mark is not None else source
+            problem = getattr(exc, "problem", None) or exc.__class__.__name__
+            raise UserError(f"{where}: not valid YAML: {problem}") from None
+        except UnicodeDecodeError:
+            raise UserError(f"{source}: not a text (UTF-8) file") from None
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise UserError(f"{source}: expected a mapping of sections at the top level, received {_describe(data)}")
+        _apply(cfg, data, "", source)
+    for text in overrides:
+        key, value = parse_override(text)
+        _apply(cfg, _nest(key, value), "", "--set")
+    _check_consistency(cfg, source)
+    return cfg
+
+
+def config_to_dict(cfg: Config) -> dict:
+    """Plain nested dict of the config (YAML- and JSON-ready)."""
+    return dataclasses.asdict(cfg)
+
+
+def config_from_dict(data: dict, source: str = "config") -> Config:
+    """Rebuild a validated config from `config_to_dict` output (e.g. a run's saved config.yaml)."""
+    cfg = Config()
+    _apply(cfg, {k: v for k, v in data.items() if k != "versions"}, "", source)
+    _check_consistency(cfg, source)
+    return cfg
+
+
+def dump_yaml(cfg: Config, extra: dict | None = None) -> str:
+    """The resolved config as YAML, keys in definition order; `extra` keys appended (e.g. versions)."""
+    data = config_to_dict(cfg)
+    if extra:
+        data.update(extra)
+    return yaml.safe_dump(data, sort_keys=False, default_flow_style=False)
+
+
+def reference_rows() -> list[tuple[str, Any, str, str]]:
+    """(dotted key, default, expected type/range, description) for every key: the README's reference."""
+    rows = []
+
+    def walk(obj: Any, prefix: str) -> None:
+        hints = _hints(type(obj))
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if dataclasses.is_dataclass(value):
+                walk(value, prefix + f.name + ".")
+            else:
+                meta = f.metadata
+                expected = _expected(hints[f.name], meta)
+                if hints[f.name] is list and meta.get("choices"):
+                    expected = "a list of " + ", ".join(meta["choices"])
+                rows.append((prefix + f.name, value, expected, meta.get("doc", "")))
+
+    walk(Config(), "")
+    return rows
