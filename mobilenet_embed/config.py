@@ -44,6 +44,7 @@ class DataConfig:
                                     doc="refuse to train when more images than this are unreadable")
     identities_file: Optional[str] = _spec(None, doc="train only on identities listed here (one per line, or LFW people.txt)")
     exclude_identities_file: Optional[str] = _spec(None, doc="never train on identities listed here")
+    identities_folds: Optional[list] = _spec(None, doc="with an LFW people.txt as identities_file: the folds to use, e.g. [1, 2, ..., 9]")
     val_identities: float = _spec(0.1, low=0.0, high=1.0, high_open=True,
                                   doc="fraction of identities held out for validation pairs")
     synthetic_identities: int = _spec(200, low=2, doc="synthetic source: number of identities")
@@ -105,6 +106,7 @@ class TrainConfig:
 class EvalConfig:
     pairs: Optional[str] = _spec(None, doc="pairs file (LFW pairs.txt format)")
     data: Optional[str] = _spec(None, doc="image root the pairs refer to (default: data.path)")
+    pairs_folds: Optional[list] = _spec(None, doc="use only these folds of a View 2 pairs file, e.g. [10]")
     folds: int = _spec(10, low=2, doc="cross-validation folds")
     far_target: float = _spec(0.001, low=0.0, high=1.0, low_open=True, doc="FAR for VAL@FAR")
     distance: str = _spec("squared-L2", choices=("squared-L2", "cosine"), doc="verification distance")
