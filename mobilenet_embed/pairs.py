@@ -153,7 +153,8 @@ def read_pairs(
     `root` is the image folder (``<root>/<name>/<name>_NNNN.<ext>``). `ext` (``"jpg"``
     or ``".jpg"``) fixes the extension; None finds the one image whose stem matches
     among `IMAGE_EXTENSIONS` (several matches are an error: pass `ext`). `folds`
-    (1-based, View 2 only) keeps only those folds, in file order.
+    (1-based, View 2 only) keeps only those folds. A View 1 file or a selection of folds
+    comes back with same and different pairs interleaved (see `interleave_same_different`).
 
     Raises `UserError` ``"<pairs_file>:<line>: ..."`` for a bad header, a malformed
     line, a count that disagrees with the header, or a missing image (the first one
@@ -189,7 +190,25 @@ def read_pairs(
                 raise UserError(f"{pairs_file}: fold {f} does not exist; the file holds folds 1 to {n_folds}")
             wanted.append(int(f))
         pairs = [p for p in pairs if p.fold in set(wanted)]
+    if kind == "view1" or (folds is not None and len(set(folds)) < n_folds):
+        pairs = interleave_same_different(pairs)
     return pairs
+
+
+def interleave_same_different(pairs: Sequence[Pair]) -> list[Pair]:
+    """Alternate same and different pairs (same order within each kind).
+
+    An LFW fold is 300 same pairs followed by 300 different ones, and a View 1 file is all
+    its same pairs then all its different ones. The 10-fold protocol over such a block would
+    give sub-folds of one kind only (accuracy and ROC meaningless), so `read_pairs` interleaves
+    a View 1 file or a selection of View 2 folds: every contiguous sub-fold is then balanced.
+    A full View 2 file keeps its order, which is already balanced fold by fold.
+    """
+    same = [p for p in pairs if p.issame]
+    diff = [p for p in pairs if not p.issame]
+    out = [p for two in zip(same, diff) for p in two]
+    longer = same if len(same) > len(diff) else diff
+    return out + longer[min(len(same), len(diff)):]
 
 
 def _read_lfw(pairs_file, root, ext, kind, n_folds, n_per_fold, body) -> list[Pair]:

@@ -38,14 +38,6 @@ def read_people_folds(path: str) -> list[list[tuple[str, int]]]:
     return folds
 
 
-def interleave_same_different(pairs: list) -> list:
-    """Alternate same and different pairs, so that each of the 10 sub-folds of one LFW fold
-    (300 same pairs, then 300 different) holds both kinds, as each LFW fold does."""
-    same = [p for p in pairs if p.issame]
-    diff = [p for p in pairs if not p.issame]
-    return [p for two in zip(same, diff) for p in two]
-
-
 def load_grey(path: str, size: int, crop_fraction: float) -> np.ndarray:
     """Greyscale, central crop, resize: the classic eigenfaces input, flattened to a vector."""
     with Image.open(path) as img:
@@ -82,9 +74,8 @@ def main(argv: list[str] | None = None) -> dict:
     train = np.stack([load_grey(p, args.size, args.crop_fraction) for p in paths])
     pca = PCA(n_components=args.components, whiten=True, random_state=args.seed).fit(train)
 
-    pairs = read_pairs(os.path.join(args.lfw, "pairs.txt"), root)
-    per_fold = len(pairs) // 10
-    test = interleave_same_different(pairs[(args.test_fold - 1) * per_fold: args.test_fold * per_fold])
+    # One fold's 600 pairs, same and different interleaved so that each sub-fold is balanced.
+    test = read_pairs(os.path.join(args.lfw, "pairs.txt"), root, folds=[args.test_fold])
     unique = sorted({p for pair in test for p in (pair.path_a, pair.path_b)})
     emb = pca.transform(np.stack([load_grey(p, args.size, args.crop_fraction) for p in unique]))
     emb /= np.linalg.norm(emb, axis=1, keepdims=True)

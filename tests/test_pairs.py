@@ -65,10 +65,11 @@ def test_read_view1_and_explicit_extension(lfw, tmp_path):
     pf = write(tmp_path / "pairsDevTest.txt", VIEW1.replace("Dee_D 1", "Bob_B 2"))
     for ext in ("jpg", ".jpg", None):
         pairs = read_pairs(pf, lfw, ext=ext)
-        assert [p.issame for p in pairs] == [True, True, False, False]
-        assert [p.line for p in pairs] == [2, 3, 4, 5]
+        # View 1 is all same pairs then all different: interleaved so that sub-folds are balanced
+        assert [p.issame for p in pairs] == [True, False, True, False]
+        assert [p.line for p in pairs] == [2, 4, 3, 5]
         assert all(p.fold is None for p in pairs)
-        assert pairs[1].path_a == os.path.join(str(lfw), "Bob_B", "Bob_B_0002.jpg")
+        assert pairs[2].path_a == os.path.join(str(lfw), "Bob_B", "Bob_B_0002.jpg")
     with pytest.raises(UserError, match="needs an LFW View 2 file"):
         read_pairs(pf, lfw, folds=[1])
 
@@ -223,7 +224,7 @@ def test_write_read_round_trip_other_names(tmp_path):
 
 def test_write_falls_back_when_not_in_view2_folds(lfw, tmp_path):
     # View 1 order (all same, then all different) is not View 2's layout: the mbembed format keeps it
-    pairs = read_pairs(write(tmp_path / "dev.txt", VIEW1), lfw)
+    pairs = sorted(read_pairs(write(tmp_path / "dev.txt", VIEW1), lfw), key=lambda p: (not p.issame, p.line))
     assert write_pairs(pairs, str(tmp_path / "out.txt"), str(lfw), n_folds=2) == "mbembed"
     assert [(p.path_a, p.issame) for p in read_pairs(str(tmp_path / "out.txt"), lfw)] == \
         [(p.path_a, p.issame) for p in pairs]
@@ -245,3 +246,13 @@ def test_write_pair_distances_csv(lfw, tmp_path):
     assert float(rows[1]["distance"]) == 0.7 and rows[3]["path_b"] == pairs[3].path_b
     with pytest.raises(ValueError, match="4 pairs but 3 distances"):
         write_pair_distances_csv(str(out), pairs, [0.1, 0.2, 0.3], 1.0)
+
+
+def test_fold_selection_interleaves_same_and_different(lfw, tmp_path):
+    pf = write(tmp_path / "pairs.txt", VIEW2)
+    everything = read_pairs(pf, lfw)
+    one = read_pairs(pf, lfw, folds=[2])
+    assert {p.line for p in one} == {p.line for p in everything if p.fold == 2}
+    assert [p.issame for p in one] == [True, False] * (len(one) // 2)
+    # the full file keeps its order (each LFW fold is already balanced)
+    assert [p.line for p in everything] == sorted(p.line for p in everything)
