@@ -93,6 +93,7 @@ class TrainConfig:
     strategy: str = _spec("auto", choices=("auto", "default", "mirrored", "multi_worker"),
                           doc="tf.distribute strategy")
     cross_replica_mining: bool = _spec(False, doc="mine triplets over the global batch, not per replica")
+    sync_batch_norm: bool = _spec(False, doc="several replicas: batch-norm statistics over the global batch, not per replica")
     checkpoint_every_steps: int = _spec(500, low=1, doc="write a checkpoint every N steps")
     keep_checkpoints: int = _spec(3, low=1, doc="how many recent checkpoints to keep")
     val_every_epochs: int = _spec(1, low=1, doc="validate every N epochs")
