@@ -1,0 +1,127 @@
+"""`mbembed export`: SavedModel / TFLite files with a parity report, and `mbembed export embeddings`.
+
+    mbembed export --config F --checkpoint C --out DIR [--format tflite_int8 ...] [--pairs P]
+    mbembed export embeddings --config F --checkpoint C --data DIR --out PATH
+
+`export` is a click group that runs the model export itself when no subcommand follows, so both
+spellings work. The options of `embeddings` go after the word `embeddings`.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import click
+
+from mobilenet_embed.cli import config_options
+from mobilenet_embed.config import Config, load_config
+from mobilenet_embed.errors import UserError
+
+FORMAT_CHOICES = ("saved_model", "tflite_float32", "tflite_float16", "tflite_int8")
+
+
+@click.group("export", invoke_without_command=True)
+@click.option("--config", "-c", "config_path", type=click.Path(dir_okay=False), default=None,
+              help="YAML config file (defaults in code when omitted).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override one config key (repeatable): --set export.representative_samples=100")
+@click.option("--checkpoint", default=None, metavar="PATH",
+              help="Checkpoint file, checkpoint directory or run directory (its best checkpoint, "
+                   "else its latest).")
+@click.option("--out", "out_dir", default=None, metavar="DIR", help="Output directory.")
+@click.option("--format", "formats", multiple=True, type=click.Choice(FORMAT_CHOICES),
+              help="Format to write (repeatable; default: export.formats of the config).")
+@click.option("--force", is_flag=True, help="Replace existing outputs.")
+@click.option("--allow-degraded", is_flag=True,
+              help="Keep a format that misses its parity target (and exit 0).")
+@click.option("--pairs", default=None, metavar="FILE",
+              help="Pairs file: also report each format's verification accuracy.")
+@click.option("--pairs-root", default=None, metavar="DIR",
+              help="Image folder of --pairs (default: eval.data, else data.path).")
+@click.option("--latency-runs", default=30, show_default=True, type=click.IntRange(1),
+              help="Timed single-image calls per format (median reported).")
+@click.pass_context
+def export(ctx: click.Context, config_path: Optional[str], overrides: tuple[str, ...],
+           checkpoint: Optional[str], out_dir: Optional[str], formats: tuple[str, ...], force: bool,
+           allow_degraded: bool, pairs: Optional[str], pairs_root: Optional[str],
+           latency_runs: int) -> None:
+    """Export a checkpoint as SavedModel / TFLite files and check them against the Keras model.
+
+    Writes the formats of export.formats (or --format) under --out, then export_report.json:
+    size, cosine similarity to the Keras model on held-out images, latency (and with --pairs
+    verification accuracy) of each format. Exits 1 when a format misses its parity target
+    (that file is not written unless --allow-degraded).
+    """
+    if ctx.invoked_subcommand is not None:
+        given = [name for name, value in (("--config", config_path), ("--set", overrides),
+                                          ("--checkpoint", checkpoint), ("--out", out_dir),
+                                          ("--format", formats), ("--pairs", pairs))
+                 if value]
+        if given:
+            raise UserError(f"mbembed export {ctx.invoked_subcommand}: put {', '.join(given)} after "
+                            f"'{ctx.invoked_subcommand}'")
+        return
+    missing = [name for name, value in (("--checkpoint", checkpoint), ("--out", out_dir)) if not value]
+    if missing:
+        raise UserError(f"mbembed export: {' and '.join(missing)} required "
+                        "(mbembed export --help)")
+    from mobilenet_embed.export import export_model
+
+    cfg = load_config(config_path, overrides)
+    report = export_model(cfg, checkpoint, out_dir, formats=list(formats) or None, force=force,
+                          allow_degraded=allow_degraded, pairs=pairs, pairs_root=pairs_root,
+                          latency_runs=latency_runs, log=lambda line: click.echo(line, err=True))
+    click.echo(report.table())
+    for row in report.formats:
+        if row.format != "saved_model" and row.input.get("scale") is not None:
+            click.echo(f"{row.format} input: int8 = round(x / {row.input['scale']:.8g} + "
+                       f"{row.input['zero_point']}) of the preprocessed image x in [-1, 1]")
+    click.echo(f"report: {report.report_path}")
+    if not report.passed:
+        for row in report.formats:
+            if not row.passed:
+                value = row.cosine_min if row.target["statistic"] == "min" else row.cosine_mean
+                what = "kept anyway (--allow-degraded)" if row.kept else \
+                    "not written (--allow-degraded keeps it)"
+                click.echo(f"{'Warning' if row.kept else 'Error'}: {row.format} misses its parity "
+                           f"target: cosine {row.target['statistic']} {value:.6f} < "
+                           f"{row.target['value']:g}; {what}", err=True)
+        if not allow_degraded:
+            ctx.exit(1)
+
+
+@export.command("embeddings")
+@config_options
+@click.option("--checkpoint", required=True, metavar="PATH",
+              help="Checkpoint, run directory, exported SavedModel or .tflite file.")
+@click.option("--data", "data_dir", required=True, metavar="DIR",
+              help="Identity folder, TFRecord shards (file, glob or folder) or 'synthetic'.")
+@click.option("--out", required=True, metavar="DIR",
+              help="Output folder for embeddings.npy and index.csv.")
+@click.option("--force", is_flag=True, help="Replace existing embeddings.npy / index.csv.")
+@click.option("--chunk-size", default=1024, show_default=True, type=click.IntRange(1),
+              help="Images per resumable chunk.")
+@click.option("--batch-size", default=None, type=click.IntRange(1),
+              help="Images per inference batch (default: the model kind's).")
+@click.option("--threads", default=None, type=click.IntRange(1), help="TFLite interpreter threads.")
+@click.option("--progress/--no-progress", default=True, help="Show a progress bar.")
+def export_embeddings_command(cfg: Config, checkpoint: str, data_dir: str, out: str, force: bool,
+                              chunk_size: int, batch_size: Optional[int], threads: Optional[int],
+                              progress: bool) -> None:
+    """Embed every image of a folder: embeddings.npy (float32 [N, D]) + index.csv (row, path, identity).
+
+    Resumable: a run that is killed continues where it stopped when run again (finished chunks
+    of --chunk-size images are kept under OUT/.chunks/).
+    """
+    from mobilenet_embed.export import export_embeddings
+
+    result = export_embeddings(cfg, checkpoint, data_dir, out, force=force, chunk_size=chunk_size,
+                               batch_size=batch_size, num_threads=threads,
+                               progress=progress)
+    if result.skipped:
+        click.echo(f"Warning: {len(result.skipped)} unreadable image(s) left out, e.g. "
+                   f"{result.skipped[0]}", err=True)
+    reused = f", {result.reused_chunks} of {result.chunks} chunks reused" if result.reused_chunks else ""
+    click.echo(f"embedded {result.n_images} images -> {result.embeddings_path} "
+               f"[{result.n_images}, {result.embedding_size}] and {result.index_path} "
+               f"({result.seconds:.1f} s{reused})")

@@ -1,0 +1,492 @@
+"""One inference code path for every kind of model mbembed writes: Keras, SavedModel, TFLite.
+
+An `Embedder` maps preprocessed images (float32 ``[N, S, S, 3]`` in [-1, 1], as
+`mobilenet_embed.data.preprocess_images` makes them) to L2-normalised embeddings
+(float32 ``[N, D]``). `mbembed eval`, `mbembed export` (parity report, verification
+accuracy) and `mbembed export embeddings` all go through `load_embedder`, so an exported
+SavedModel or .tflite file is evaluated exactly as the checkpoint it came from.
+
+    >>> embedder = load_embedder("exports/model_int8.tflite", num_threads=2)
+    >>> embedder.image_size, embedder.embedding_size
+    (160, 128)
+    >>> embeddings = embedder.embed(images)          # images: float32 [N, 160, 160, 3]
+
+What `load_embedder(path)` accepts, by what `path` is:
+
+* ``*.tflite``: `TFLiteEmbedder` (float32, float16 or full-integer int8 files);
+* a directory holding ``saved_model.pb``: `SavedModelEmbedder`;
+* a ``*.keras`` / ``*.weights.h5`` file, a training checkpoint directory (``ckpt-<step>/``,
+  ``best-<step>/``) or a run directory (its best checkpoint, else its latest, else its final
+  ``model.keras``): `KerasEmbedder`, via `load_checkpoint_model` (`resolve_checkpoint`).
+
+The input contract of every embedder is the preprocessed float image; quantised TFLite
+models get their inputs quantised (and outputs dequantised and re-normalised) inside
+`TFLiteEmbedder.embed`. Preprocess to `embedder.image_size`, with `embedder.crop_fraction`
+when it is known (else the config's ``data.crop_fraction``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from typing import TYPE_CHECKING, Any, Optional, Protocol, runtime_checkable
+
+import numpy as np
+
+from mobilenet_embed.errors import UserError
+
+if TYPE_CHECKING:
+    import keras
+
+    from mobilenet_embed.config import Config
+
+#: name of the SavedModel signature on raw uint8 images (what TF Serving calls by default)
+RAW_SIGNATURE = "serving_default"
+#: name of the SavedModel signature on preprocessed float32 images (what TFLite is converted from)
+PREPROCESSED_SIGNATURE = "embed_preprocessed"
+#: output key of both signatures
+OUTPUT_KEY = "embeddings"
+
+
+@runtime_checkable
+class Embedder(Protocol):
+    """Preprocessed images float32 [N, S, S, 3] in [-1, 1] -> L2-normalised float32 [N, D]."""
+
+    kind: str
+    image_size: int
+    embedding_size: int
+    crop_fraction: Optional[float]  # preprocessing the model expects, None when unknown
+
+    def embed(self, images: np.ndarray) -> np.ndarray:
+        ...
+
+
+def _check_images(images: Any, image_size: int, where: str) -> np.ndarray:
+    images = np.asarray(images, dtype=np.float32)
+    if images.ndim == 3:
+        images = images[None]
+    if images.ndim != 4 or images.shape[1:] != (image_size, image_size, 3):
+        raise UserError(f"{where}: expected preprocessed images [N, {image_size}, {image_size}, 3], "
+                        f"received shape {list(images.shape)}")
+    return images
+
+
+def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
+    """Rows of `x` scaled to unit length (rows of zeros stay zero)."""
+    x = np.asarray(x, dtype=np.float32)
+    norm = np.linalg.norm(x, axis=-1, keepdims=True)
+    return x / np.maximum(norm, eps)
+
+
+class _BatchedEmbedder:
+    """Shared batching: `embed` splits the input into batches of at most `batch_size`."""
+
+    kind = "?"
+    image_size: int
+    embedding_size: int
+    batch_size: int = 64
+    crop_fraction: Optional[float] = None  # set by `load_embedder` when known
+
+    def _embed_batch(self, batch: np.ndarray) -> np.ndarray:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def embed(self, images: np.ndarray) -> np.ndarray:
+        images = _check_images(images, self.image_size, f"{self.kind} embedder")
+        if len(images) == 0:
+            return np.zeros((0, self.embedding_size), np.float32)
+        out = [self._embed_batch(images[i:i + self.batch_size])
+               for i in range(0, len(images), self.batch_size)]
+        return np.concatenate(out).astype(np.float32, copy=False)
+
+    __call__ = embed
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(image_size={self.image_size}, "
+                f"embedding_size={self.embedding_size})")
+
+
+class KerasEmbedder(_BatchedEmbedder):
+    """A Keras embedding model, called in inference mode inside one `tf.function`."""
+
+    kind = "keras"
+
+    def __init__(self, model: "keras.Model", batch_size: int = 64):
+        import tensorflow as tf
+
+        shape = model.input_shape
+        if len(shape) != 4 or shape[1] is None or shape[1] != shape[2] or shape[3] != 3:
+            raise UserError(f"expected an embedding model on images [N, S, S, 3], "
+                            f"received input shape {shape}")
+        self.model = model
+        self.image_size = int(shape[1])
+        self.embedding_size = int(model.output_shape[-1])
+        self.batch_size = batch_size
+        spec = tf.TensorSpec([None, self.image_size, self.image_size, 3], tf.float32)
+        self._fn = tf.function(lambda x: model(x, training=False), input_signature=[spec])
+
+    def _embed_batch(self, batch: np.ndarray) -> np.ndarray:
+        return self._fn(batch).numpy()
+
+
+class SavedModelEmbedder(_BatchedEmbedder):
+    """A SavedModel, called through its preprocessed-float signature (`embed_preprocessed`).
+
+    Other SavedModels work too when they have a signature on float32 [N, S, S, 3] with one
+    output (e.g. Keras' `model.export()`). `embed_raw` calls the raw-uint8 signature of
+    mbembed exports (`serving_default`), which preprocesses inside the graph.
+    """
+
+    kind = "saved_model"
+
+    def __init__(self, path: str, batch_size: int = 64):
+        import tensorflow as tf
+
+        self.path = str(path)
+        try:
+            self.loaded = tf.saved_model.load(self.path)
+        except Exception as exc:  # noqa: BLE001 - TF raises many types for a bad directory
+            raise UserError(f"{self.path}: cannot load SavedModel: {str(exc).splitlines()[0]}") from None
+        signatures = dict(self.loaded.signatures)
+        self.signature_name, self._fn = self._float_signature(signatures)
+        spec = self._input_spec(self._fn)
+        self.image_size = int(spec.shape[1])
+        outputs = self._fn.structured_outputs
+        self._output_key = OUTPUT_KEY if OUTPUT_KEY in outputs else next(iter(outputs))
+        self.embedding_size = int(outputs[self._output_key].shape[-1])
+        self._input_name = self._input_key(self._fn)
+        self._raw = signatures.get(RAW_SIGNATURE)
+        if self._raw is not None and self._input_spec(self._raw).dtype != tf.uint8:
+            self._raw = None
+        self.batch_size = batch_size
+
+    @staticmethod
+    def _input_key(fn) -> str:
+        return next(iter(fn.structured_input_signature[1]))
+
+    @classmethod
+    def _input_spec(cls, fn):
+        kwargs = fn.structured_input_signature[1]
+        return kwargs[cls._input_key(fn)]
+
+    def _float_signature(self, signatures: dict):
+        import tensorflow as tf
+
+        order = [PREPROCESSED_SIGNATURE] + sorted(k for k in signatures if k != PREPROCESSED_SIGNATURE)
+        for name in order:
+            fn = signatures.get(name)
+            if fn is None or len(fn.structured_input_signature[1]) != 1:
+                continue
+            spec = self._input_spec(fn)
+            shape = spec.shape
+            if (spec.dtype == tf.float32 and shape.rank == 4 and shape[1] is not None
+                    and shape[1] == shape[2] and shape[3] == 3):
+                return name, fn
+        raise UserError(f"{self.path}: no signature on preprocessed float32 images [N, S, S, 3] "
+                        f"(signatures: {', '.join(signatures) or 'none'})")
+
+    def _embed_batch(self, batch: np.ndarray) -> np.ndarray:
+        import tensorflow as tf
+
+        return self._fn(**{self._input_name: tf.constant(batch)})[self._output_key].numpy()
+
+    def embed_raw(self, images: np.ndarray) -> np.ndarray:
+        """Raw uint8 images [N, H, W, 3] (any H, W) through the `serving_default` signature."""
+        import tensorflow as tf
+
+        if self._raw is None:
+            raise UserError(f"{self.path}: no raw-image signature '{RAW_SIGNATURE}' on uint8 input")
+        images = np.asarray(images)
+        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+            raise UserError(f"expected uint8 images [N, H, W, 3], received {images.dtype} "
+                            f"{list(images.shape)}")
+        out = self._raw(**{self._input_key(self._raw): tf.constant(images)})
+        return out[OUTPUT_KEY if OUTPUT_KEY in out else next(iter(out))].numpy()
+
+
+class TFLiteEmbedder(_BatchedEmbedder):
+    """A .tflite file run with `ai_edge_litert`.
+
+    Float models take the preprocessed images as they are. Quantised models (int8/uint8
+    input) get them quantised with the input's scale and zero point, and their output
+    dequantised and re-normalised to unit length (int8 rounding leaves it near, not at, 1).
+    A model with a dynamic batch dimension is resized to the batch (at most `batch_size`);
+    a fixed batch-1 model is called image by image.
+    """
+
+    kind = "tflite"
+
+    def __init__(self, path: str, num_threads: Optional[int] = None, batch_size: int = 32):
+        from ai_edge_litert.interpreter import Interpreter
+
+        self.path = str(path)
+        self.num_threads = num_threads
+        try:
+            self.interpreter = Interpreter(model_path=self.path, num_threads=num_threads)
+        except (ValueError, RuntimeError) as exc:
+            raise UserError(f"{self.path}: cannot load TFLite model: {str(exc).splitlines()[0]}") from None
+        inputs = self.interpreter.get_input_details()
+        outputs = self.interpreter.get_output_details()
+        if len(inputs) != 1 or len(outputs) != 1:
+            raise UserError(f"{self.path}: expected one input and one output, received "
+                            f"{len(inputs)} and {len(outputs)}")
+        self._in, self._out = inputs[0], outputs[0]
+        shape = list(self._in["shape_signature"])
+        if len(shape) != 4 or shape[1] != shape[2] or shape[3] != 3 or shape[1] < 1:
+            raise UserError(f"{self.path}: expected input [N, S, S, 3], received {shape}")
+        self.image_size = int(shape[1])
+        self.embedding_size = int(self._out["shape_signature"][-1])
+        self.dynamic_batch = shape[0] == -1
+        self.batch_size = batch_size if self.dynamic_batch else 1
+        self.input_dtype = np.dtype(self._in["dtype"])
+        self.output_dtype = np.dtype(self._out["dtype"])
+        self.input_quantization = tuple(self._in["quantization"])  # (scale, zero_point)
+        self.output_quantization = tuple(self._out["quantization"])
+        self.quantized = self.input_dtype in (np.int8, np.uint8)
+        self._batch = None
+
+    def _resize(self, n: int) -> None:
+        if self._batch == n:
+            return
+        if self.dynamic_batch or self._batch is None:
+            if self.dynamic_batch:
+                self.interpreter.resize_tensor_input(
+                    self._in["index"], [n, self.image_size, self.image_size, 3], strict=True)
+            self.interpreter.allocate_tensors()
+        self._batch = n
+
+    def _quantize(self, batch: np.ndarray) -> np.ndarray:
+        if not self.quantized:
+            return batch.astype(self.input_dtype, copy=False)
+        scale, zero = self.input_quantization
+        info = np.iinfo(self.input_dtype)
+        q = np.round(batch / scale + zero)
+        return np.clip(q, info.min, info.max).astype(self.input_dtype)
+
+    def _embed_batch(self, batch: np.ndarray) -> np.ndarray:
+        self._resize(len(batch))
+        self.interpreter.set_tensor(self._in["index"], self._quantize(batch))
+        self.interpreter.invoke()
+        out = self.interpreter.get_tensor(self._out["index"])
+        if self.output_dtype in (np.int8, np.uint8):
+            scale, zero = self.output_quantization
+            out = (out.astype(np.float32) - zero) * scale
+            return l2_normalize(out)
+        return out.astype(np.float32)
+
+    def input_contract(self) -> dict:
+        """What a device program must feed: dtype, shape and (quantised models) scale/zero point.
+
+        float input: preprocessed float32 in [-1, 1]; int8 input: round(x / scale + zero_point)
+        of those values, clipped to [-128, 127].
+        """
+        contract = {"dtype": self.input_dtype.name,
+                    "shape": [int(d) for d in self._in["shape_signature"]],
+                    "values": "preprocessed image in [-1, 1] (resize, scale: x / 127.5 - 1)"}
+        if self.quantized:
+            scale, zero = self.input_quantization
+            contract.update(scale=float(scale), zero_point=int(zero),
+                            values="round(preprocessed / scale + zero_point), clipped")
+            oscale, ozero = self.output_quantization
+            contract["output"] = {"dtype": self.output_dtype.name, "scale": float(oscale),
+                                  "zero_point": int(ozero),
+                                  "values": "(q - zero_point) * scale, then L2-normalise"}
+        return contract
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+@dataclasses.dataclass(frozen=True)
+class ResolvedCheckpoint:
+    """What a `--checkpoint` argument names.
+
+    `kind`: ``keras`` (a whole ``.keras`` model file), ``weights`` (a ``.weights.h5`` file) or
+    ``tf_checkpoint`` (a training checkpoint directory ``ckpt-<step>/`` or ``best-<step>/``,
+    see `mobilenet_embed.checkpoints`). `which`: ``file`` (named directly), ``best``,
+    ``latest`` or ``final`` (a run's ``model.keras``). `step`: the training step, when known.
+    """
+
+    path: str
+    kind: str
+    which: str = "file"
+    step: Optional[int] = None
+
+
+def _is_tf_checkpoint_dir(path: str) -> bool:
+    from mobilenet_embed import checkpoints
+
+    return os.path.isfile(os.path.join(path, checkpoints.PREFIX + ".index"))
+
+
+def resolve_checkpoint(path: str) -> ResolvedCheckpoint:
+    """The checkpoint `path` means (as `mbembed eval --checkpoint` reads it).
+
+    * a ``.keras`` or ``.weights.h5`` file: that file;
+    * a training checkpoint directory (``ckpt-<step>/``, ``best-<step>/``): that checkpoint;
+    * a run directory or its ``checkpoints/`` directory: its best checkpoint (by validation
+      accuracy, from ``checkpoints/checkpoint.json``), else its latest one, else the run's final
+      ``model.keras``.
+    """
+    from mobilenet_embed import checkpoints
+
+    path = str(path)
+    if os.path.isfile(path):
+        if path.endswith(".keras"):
+            return ResolvedCheckpoint(path, "keras")
+        if path.endswith(".weights.h5"):
+            return ResolvedCheckpoint(path, "weights")
+        if path.endswith(".index") and os.path.basename(path).startswith(checkpoints.PREFIX):
+            return resolve_checkpoint(os.path.dirname(path) or ".")
+        raise UserError(f"{path}: not a checkpoint (expected a .keras or .weights.h5 file, a "
+                        "checkpoint directory or a run directory)")
+    if not os.path.isdir(path):
+        raise UserError(f"{path}: checkpoint not found")
+    if _is_tf_checkpoint_dir(path):
+        match = re.match(r"^(?:ckpt|best)-(\d+)$", os.path.basename(os.path.normpath(path)))
+        return ResolvedCheckpoint(path, "tf_checkpoint", "file", int(match.group(1)) if match else None)
+    ckpt_dir = path
+    if os.path.isdir(os.path.join(path, "checkpoints")):
+        ckpt_dir = os.path.join(path, "checkpoints")
+    best = checkpoints.best_checkpoint(ckpt_dir)
+    if best is not None:
+        return ResolvedCheckpoint(best.path, "tf_checkpoint", "best", best.step)
+    latest = checkpoints.latest_checkpoint(ckpt_dir)
+    if latest is not None:
+        return ResolvedCheckpoint(latest.path, "tf_checkpoint", "latest", latest.step)
+    final = os.path.join(path, "model.keras")
+    if os.path.isfile(final):
+        return ResolvedCheckpoint(final, "keras", "final")
+    raise UserError(f"{path}: no checkpoint in this directory (no checkpoints/checkpoint.json "
+                    "naming a best or latest checkpoint, no model.keras)")
+
+
+def run_config_path(checkpoint: str) -> Optional[str]:
+    """The ``config.yaml`` of the run a checkpoint belongs to, or None.
+
+    Looked for in the run directory itself, the folder of a checkpoint file
+    (``<run>/model.keras``), and above ``checkpoints/`` (``<run>/checkpoints/best-N/``,
+    ``<run>/checkpoints/x.keras``); never further up.
+    """
+    path = os.path.abspath(str(checkpoint)).rstrip(os.sep)
+    folder = path if os.path.isdir(path) else os.path.dirname(path)
+    candidates = [folder]
+    if re.match(r"^(ckpt|best)-\d+$", os.path.basename(folder)):
+        folder = os.path.dirname(folder)
+    if os.path.basename(folder) == "checkpoints":
+        candidates.append(os.path.dirname(folder))
+    for candidate in candidates:
+        found = os.path.join(candidate, "config.yaml")
+        if os.path.isfile(found):
+            return found
+    return None
+
+
+def config_for_checkpoint(cfg: Optional["Config"], checkpoint: str) -> "Config":
+    """`cfg` (defaults when None) with its `model` and `data` sections replaced by those of the
+    run `checkpoint` comes from, when that run saved a ``config.yaml``: the model is rebuilt
+    and its inputs preprocessed as in training. Other sections (export, eval) stay `cfg`'s.
+    """
+    import yaml
+
+    from mobilenet_embed.config import Config, config_from_dict
+
+    cfg = cfg if cfg is not None else Config()
+    found = run_config_path(checkpoint)
+    if found is None:
+        return cfg
+    try:
+        with open(found, encoding="utf-8") as fh:
+            run_cfg = config_from_dict(yaml.safe_load(fh) or {}, source=found)
+    except yaml.YAMLError as exc:
+        raise UserError(f"{found}: not valid YAML ({exc.__class__.__name__})") from None
+    return dataclasses.replace(cfg, model=run_cfg.model, data=run_cfg.data)
+
+
+def load_checkpoint_model(checkpoint: str, cfg: Optional["Config"] = None
+                          ) -> tuple["keras.Model", "Config"]:
+    """The Keras embedding model of a checkpoint (`resolve_checkpoint`) and the config to use
+    with it (`config_for_checkpoint`: a run's saved config wins for `model` and `data`).
+
+    ``.keras`` files are loaded whole (``compile=False``). Weights files and training
+    checkpoints are loaded into ``build_model_from_config(cfg.model, cfg.data.image_size)``,
+    the latter with `mobilenet_embed.checkpoints.load_weights`. The returned config's
+    ``data.image_size`` is the model's input size.
+    """
+    import keras
+
+    from mobilenet_embed import checkpoints
+    from mobilenet_embed.model import build_model_from_config
+
+    resolved = resolve_checkpoint(checkpoint)
+    cfg = config_for_checkpoint(cfg, resolved.path if resolved.which == "file" else checkpoint)
+    path = resolved.path
+    try:
+        if resolved.kind == "keras":
+            model = keras.models.load_model(path, compile=False)
+        else:
+            model = build_model_from_config(dataclasses.replace(cfg.model, backbone_weights=None),
+                                            cfg.data.image_size)
+            if resolved.kind == "weights":
+                model.load_weights(path)
+            else:
+                before = [w.numpy().copy() for w in model.weights]
+                checkpoints.load_weights(model, path)
+                if all(np.array_equal(b, w.numpy()) for b, w in zip(before, model.weights)):
+                    raise UserError(f"{path}: no weight of the model was found in this checkpoint "
+                                    "(does the config's model section match the run's?)")
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        raise UserError(f"{path}: cannot load checkpoint: {str(exc).splitlines()[0]}") from None
+    if len(model.outputs) != 1:
+        raise UserError(f"{path}: expected an embedding model with one output, received "
+                        f"{len(model.outputs)} outputs")
+    size = model.input_shape[1]
+    if isinstance(size, int) and size != cfg.data.image_size:
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, image_size=size))
+    return model, cfg
+
+
+def is_saved_model(path: str) -> bool:
+    return os.path.isdir(path) and os.path.isfile(os.path.join(path, "saved_model.pb"))
+
+
+def exported_preprocessing(path: str) -> Optional[dict]:
+    """``{"image_size", "crop_fraction"}`` recorded by `mbembed export` for an exported model
+    (from the ``export_report.json`` beside a .tflite file or a SavedModel directory), or None."""
+    import json
+
+    report = os.path.join(os.path.dirname(os.path.abspath(str(path)).rstrip(os.sep)), "export_report.json")
+    try:
+        with open(report, encoding="utf-8") as fh:
+            data = json.load(fh)
+        return {"image_size": int(data["image_size"]), "crop_fraction": float(data["crop_fraction"])}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def load_embedder(path: str, cfg: Optional["Config"] = None, num_threads: Optional[int] = None,
+                  batch_size: Optional[int] = None) -> Embedder:
+    """The `Embedder` for `path`, chosen by what it is (see the module doc).
+
+    `cfg` matters only for checkpoints (weights-only files are built from `cfg.model`; a run
+    directory's own config wins); `num_threads` only for .tflite files (None: the runtime's
+    default). The embedder's `crop_fraction` is the one its images must be preprocessed with
+    when known (a run's config, or the export report beside an exported model), else None:
+    then use ``cfg.data.crop_fraction``. `image_size` is always known.
+    """
+    path = str(path)
+    kwargs = {} if batch_size is None else {"batch_size": batch_size}
+    if not os.path.exists(path):
+        raise UserError(f"{path}: model not found")
+    if path.endswith(".tflite") or is_saved_model(path):
+        embedder = (TFLiteEmbedder(path, num_threads=num_threads, **kwargs) if path.endswith(".tflite")
+                    else SavedModelEmbedder(path, **kwargs))
+        recorded = exported_preprocessing(path)
+        if recorded is not None and recorded["image_size"] == embedder.image_size:
+            embedder.crop_fraction = recorded["crop_fraction"]
+        return embedder
+    model, used = load_checkpoint_model(path, cfg)
+    embedder = KerasEmbedder(model, **kwargs)
+    if run_config_path(path) is not None:
+        embedder.crop_fraction = used.data.crop_fraction
+    return embedder
