@@ -1,0 +1,129 @@
+"""`mbembed eval` end to end on a tiny generated dataset, and its input errors."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from mobilenet_embed.cli import main
+from mobilenet_embed.config import load_config
+from mobilenet_embed.errors import UserError
+from mobilenet_embed.evaluate import evaluate
+from mobilenet_embed.model import build_embedding_model
+
+
+@pytest.fixture(scope="module")
+def faces(tmp_path_factory):
+    """8 identities x 4 images of 40x40 JPEGs, each identity a distinct colour and pattern."""
+    root = tmp_path_factory.mktemp("faces")
+    rng = np.random.default_rng(0)
+    for i in range(8):
+        name = f"Person_{i}"
+        os.makedirs(root / name)
+        base = rng.integers(0, 255, (1, 1, 3))
+        for j in range(4):
+            img = np.clip(base + rng.normal(0, 25, (40, 40, 3)), 0, 255).astype("uint8")
+            Image.fromarray(img).save(root / name / f"{name}_{j + 1:04d}.jpg")
+    return str(root)
+
+
+@pytest.fixture(scope="module")
+def keras_model(tmp_path_factory):
+    import keras
+    model = build_embedding_model(image_size=32, alpha=0.25, embedding_size=16)
+    rng = np.random.default_rng(1)
+    for layer in model.layers:  # He-like weights: a random net that still separates colours
+        if isinstance(layer, (keras.layers.Conv2D, keras.layers.Dense)):
+            w = layer.get_weights()
+            fan_in = np.prod(w[0].shape[:-1])
+            layer.set_weights([rng.normal(0, np.sqrt(2.0 / fan_in), w[0].shape).astype("float32")] + w[1:])
+    path = str(tmp_path_factory.mktemp("model") / "m.keras")
+    model.save(path)
+    return path
+
+
+def cli(*args):
+    return CliRunner().invoke(main, list(args))
+
+
+def test_eval_end_to_end_writes_three_files(faces, keras_model, tmp_path):
+    out = tmp_path / "ev"
+    result = cli("eval", "--model", keras_model, "--data", faces, "--make-pairs", "10", "--out", str(out),
+                 "--set", "eval.folds=5")
+    assert result.exit_code == 0, result.output
+    for name in ("metrics.json", "roc.png", "pair_distances.csv", "pairs.txt"):
+        assert (out / name).stat().st_size > 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["n_pairs"] == 20 and metrics["n_same"] == 10 and metrics["n_folds"] == 5
+    assert 0.0 <= metrics["accuracy"] <= 1.0 and 0.0 <= metrics["auc"] <= 1.0
+    assert metrics["n_images"] == len({p for line in (out / "pair_distances.csv").read_text().splitlines()[1:]
+                                       for p in line.split(",")[2:4]})
+    assert "accuracy" in result.output and "VAL@FAR=0.001" in result.output and "AUC" in result.output
+    rows = (out / "pair_distances.csv").read_text().splitlines()
+    assert rows[0].startswith("pair,") and len(rows) == 21
+    assert (out / "roc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_make_pairs_is_deterministic_and_reusable(faces, keras_model, tmp_path):
+    cfg = load_config(None, ["eval.folds=5"])
+    a = evaluate(cfg, model=keras_model, data=faces, make_pairs=10, out_dir=str(tmp_path / "a"))
+    b = evaluate(cfg, model=keras_model, data=faces, make_pairs=10, out_dir=str(tmp_path / "b"))
+    assert (tmp_path / "a" / "pairs.txt").read_text() == (tmp_path / "b" / "pairs.txt").read_text()
+    # the written pairs file evaluates to the same numbers
+    c = evaluate(cfg, model=keras_model, data=faces, pairs=str(tmp_path / "a" / "pairs.txt"),
+                 out_dir=str(tmp_path / "c"))
+    for key in ("accuracy", "auc", "eer", "val"):
+        assert a.metrics[key] == b.metrics[key] == c.metrics[key]
+
+
+def test_flip_averages_the_mirror_embedding(faces, keras_model, tmp_path):
+    cfg = load_config(None, ["eval.folds=5", "eval.flip=true"])
+    res = evaluate(cfg, model=keras_model, data=faces, make_pairs=10, out_dir=str(tmp_path / "f"))
+    plain = evaluate(load_config(None, ["eval.folds=5"]), model=keras_model, data=faces,
+                     pairs=str(tmp_path / "f" / "pairs.txt"), out_dir=str(tmp_path / "p"))
+    assert res.metrics["flip"] is True
+    flipped = [float(r.split(",")[4]) for r in (tmp_path / "f" / "pair_distances.csv").read_text().splitlines()[1:]]
+    unflipped = [float(r.split(",")[4]) for r in (tmp_path / "p" / "pair_distances.csv").read_text().splitlines()[1:]]
+    assert not np.allclose(flipped, unflipped)
+
+
+def test_tflite_export_evaluates_through_the_same_path(faces, keras_model, tmp_path):
+    from mobilenet_embed.export import export_saved_model, export_tflite
+    import keras
+    model = keras.models.load_model(keras_model)
+    saved = str(tmp_path / "saved_model")
+    export_saved_model(model, saved, image_size=32, crop_fraction=1.0)
+    tflite = str(tmp_path / "model_float32.tflite")
+    export_tflite(saved, tflite, "tflite_float32")
+    cfg = load_config(None, ["eval.folds=5"])
+    ref = evaluate(cfg, model=keras_model, data=faces, make_pairs=10, out_dir=str(tmp_path / "k"))
+    pairs = str(tmp_path / "k" / "pairs.txt")
+    for path in (saved, tflite):
+        res = evaluate(cfg, model=path, data=faces, pairs=pairs, out_dir=str(tmp_path / ("ev-" + os.path.basename(path))))
+        assert res.metrics["accuracy"] == pytest.approx(ref.metrics["accuracy"], abs=1e-9)
+        assert res.metrics["auc"] == pytest.approx(ref.metrics["auc"], abs=1e-3)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--data", "{faces}"], "mbembed eval: give exactly one of --checkpoint PATH and --model PATH"),
+    (["--model", "{model}", "--data", "{faces}"], "eval.pairs: no pairs file"),
+    (["--model", "{model}", "--data", "{faces}", "--pairs", "/nonexistent/pairs.txt"], "/nonexistent/pairs.txt: pairs file not found"),
+    (["--model", "{model}", "--data", "/nonexistent/images", "--make-pairs", "5"], "/nonexistent/images: image folder not found"),
+    (["--model", "/nonexistent/m.tflite", "--data", "{faces}", "--make-pairs", "10"], "/nonexistent/m.tflite: model not found"),
+])
+def test_eval_input_errors_exit_2(faces, keras_model, tmp_path, args, message):
+    args = [a.format(faces=faces, model=keras_model) for a in args]
+    result = cli("eval", *args, "--out", str(tmp_path / "o"))
+    assert result.exit_code == 2, result.output
+    assert f"Error: {message}" in result.output
+
+
+def test_malformed_pairs_line_names_file_and_line(faces, keras_model, tmp_path):
+    pairs = tmp_path / "pairs.txt"
+    pairs.write_text("1 1\nPerson_0\t1\t2\nPerson_0\tx\tPerson_1\t1\n")
+    with pytest.raises(UserError, match=f"{pairs}:3: "):
+        evaluate(load_config(None, ["eval.folds=2"]), model=keras_model, data=faces, pairs=str(pairs),
+                 out_dir=str(tmp_path / "o"))
