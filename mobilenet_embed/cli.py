@@ -98,6 +98,11 @@ from mobilenet_embed.commands.export import export  # noqa: E402
 
 main.add_command(export)
 
+from mobilenet_embed.commands.data import data_group, prepare  # noqa: E402
+
+main.add_command(data_group)
+main.add_command(prepare)
+
 
 def run() -> None:
     """Console-script entry point."""

@@ -50,6 +50,13 @@ class DataConfig:
     synthetic_identities: int = _spec(200, low=2, doc="synthetic source: number of identities")
     synthetic_images_per_identity: int = _spec(20, low=2, doc="synthetic source: images per identity")
     shuffle_buffer: int = _spec(1024, low=0, doc="tfrecord source: shuffle buffer of records")
+    augment_min_crop: float = _spec(0.8, low=0.0, high=1.0, low_open=True,
+                                    doc="augment: random crop side, as a fraction of the central crop (min)")
+    augment_brightness: float = _spec(0.1, low=0.0, doc="augment: brightness shift, +- this fraction of the range")
+    augment_contrast: float = _spec(0.2, low=0.0, high=1.0, doc="augment: contrast factor 1 +- this")
+    check_cache: Optional[str] = _spec("~/.cache/mbembed", doc="folder remembering decode checks by (path, size, mtime); null: check every file every time")
+    synthetic_seed: int = _spec(0, low=0, doc="synthetic source: seed of the identities and their images")
+    synthetic_nuisance: float = _spec(1.0, low=0.0, doc="synthetic source: nuisance strength (shift, scale, rotation, light, noise); 0: none")
 
 
 @dataclass

@@ -1,0 +1,86 @@
+"""P x K sampling in pure TensorFlow, stateless: a batch is a function of (seed, worker, step).
+
+Identities are drawn in *passes*: a pass is a seeded permutation of the usable identities, cut
+into consecutive groups of P; step n uses group ``n mod (I // P)`` of pass ``n // (I // P)``, so
+the P identities of a batch are distinct and every identity appears once per pass (the
+``I mod P`` left over at the end of a pass differ from pass to pass). With several workers the
+pass is shared and cut into groups of ``P * num_workers``: worker w takes the w-th P of each
+group, so at one step the workers hold disjoint identities.
+
+Within an identity with c images, K distinct images are drawn uniformly when c >= K; when
+c < K all c images are used, in random order, and the remaining K - c slots are drawn from
+them with replacement.
+
+Keys: every random draw is ``stateless_*`` with a seed folded from (cfg.seed, a tag, ...),
+see `fold_key`, so batch n is the same whether a stream started at 0 or at ``start_step = n``.
+"""
+
+from __future__ import annotations
+
+import tensorflow as tf
+
+TAG_PASS = 0x7A55
+TAG_STEP = 0x57E9
+TAG_ROUND = 0x20DD
+
+
+def fold_key(seed: int, tag: int, *parts) -> tf.Tensor:
+    """A ``[2]`` int64 stateless seed from (seed, tag) folded with each of `parts` in turn."""
+    key = tf.constant([int(seed), int(tag)], tf.int64)
+    for part in parts:
+        key = tf.random.experimental.stateless_fold_in(key, tf.cast(part, tf.int64))
+    return key
+
+
+def choose_identities(num_identities: tf.Tensor, p: int, step: tf.Tensor, pass_key, group: int = 1,
+                      member: int = 0) -> tf.Tensor:
+    """Positions (int64 ``[p]``, distinct) of the identities of `step` (see the module doc).
+
+    `pass_key(pass_number)` gives the permutation seed of a pass; requires
+    ``num_identities >= p * group``.
+    """
+    num_identities = tf.cast(num_identities, tf.int64)
+    step = tf.cast(step, tf.int64)
+    per_pass = tf.maximum(num_identities // (p * group), 1)
+    pass_no = step // per_pass
+    slot = step % per_pass
+    perm = tf.random.experimental.stateless_shuffle(tf.range(num_identities), seed=pass_key(pass_no))
+    start = (slot * group + member) * p
+    return perm[start:start + p]
+
+
+def choose_images(counts: tf.Tensor, k: int, key: tf.Tensor, max_count: int) -> tf.Tensor:
+    """Positions (int64 ``[P, k]``) of k images inside each identity of image count `counts`."""
+    counts = tf.cast(counts, tf.int64)
+    width = max(int(max_count), k)
+    key_a = tf.random.experimental.stateless_fold_in(key, 1)
+    key_b = tf.random.experimental.stateless_fold_in(key, 2)
+    p = tf.shape(counts)[0]
+    u = tf.random.stateless_uniform(tf.stack([p, width]), seed=key_a)
+    j = tf.range(width, dtype=tf.int64)
+    masked = tf.where(j[None, :] < counts[:, None], u, -1.0)
+    top = tf.cast(tf.math.top_k(masked, k).indices, tf.int64)
+    u2 = tf.random.stateless_uniform(tf.stack([p, k]), seed=key_b)
+    extra = tf.minimum(tf.cast(tf.floor(u2 * tf.cast(counts[:, None], tf.float32)), tf.int64),
+                       counts[:, None] - 1)
+    slots = tf.range(k, dtype=tf.int64)
+    return tf.where(slots[None, :] < counts[:, None], top, extra)
+
+
+def pk_plan(offsets: tf.Tensor, counts: tf.Tensor, identity_positions: tf.Tensor, k: int, key: tf.Tensor,
+            max_count: int):
+    """Image rows (int64 ``[P*k]``, identity-major) of the chosen identities, and the identity
+    position of each row."""
+    sel_counts = tf.gather(counts, identity_positions)
+    sel_offsets = tf.gather(offsets, identity_positions)
+    positions = choose_images(sel_counts, k, key, max_count)
+    rows = tf.reshape(sel_offsets[:, None] + positions, [-1])
+    owners = tf.reshape(tf.repeat(identity_positions[:, None], k, axis=1), [-1])
+    return rows, owners
+
+
+def image_draws(key: tf.Tensor, n: int) -> tf.Tensor:
+    """``[n, 6]`` uniform augmentation draws, one row per image of a batch (one op per step)."""
+    from mobilenet_embed.data.preprocess import N_DRAWS
+
+    return tf.random.stateless_uniform([n, N_DRAWS], seed=tf.random.experimental.stateless_fold_in(key, 3))

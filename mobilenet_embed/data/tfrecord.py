@@ -1,0 +1,429 @@
+"""TFRecord shards: `mbembed prepare` writes them, the `tfrecord` source reads them.
+
+Layout. ``PREFIX-00000-of-000NN.tfrecord`` shards of one `tf.train.Example` per image
+(``image``: the encoded bytes, ``label``: int64, ``identity``: the name, ``path``: the file's
+path relative to the data folder), and ``PREFIX.manifest.json``: identities (label i is
+``identities[i]``), images per identity, and per shard its file name, image count and its
+records as runs ``[label, count]`` in file order. Every identity lives whole in one shard, its
+images contiguous; identities are dealt to shards largest first onto the least-filled shard
+(seeded order), so shards hold about the same number of images.
+
+`prepare` decodes every image first (the same check as `mbembed data check`); unreadable files
+are skipped, counted and listed in the manifest. Identities with fewer than
+`data.min_images_per_identity` readable images (default 2: no triplet without a positive) are
+not written (``--set data.min_images_per_identity=1`` keeps them); identity lists
+(`data.identities_file`, ...) are not applied here but when training reads the shards. Bytes TensorFlow decodes (JPEG, PNG, BMP,
+GIF, WebP) are stored as they are; other formats (PGM, TIFF, ...) are re-encoded as PNG, so
+reading shards never needs Pillow. Shards and manifest are written under temporary names and
+renamed when complete; existing outputs are only replaced with ``force``.
+
+Reading for training (`tfrecord_pk_plans`), designed for exact P x K batches, throughput and
+resumption from a step without reading what came before:
+
+- Shards are split across workers by position (shard i -> worker ``i mod num_workers``); no
+  tf.data auto-sharding is needed (the pipeline sets AutoShardPolicy.OFF).
+- An *epoch* is a seeded permutation of the worker's shards, cut into *rounds* of k shards (k
+  chosen so a round holds at least `data.shuffle_buffer` images and at least P identities; the
+  shards left over by the cut wait for the next epoch's permutation).
+- A round is read whole into memory (parallel reads of its k files, the next round read while
+  the current one is used), and B = round(k * images per shard / (P K)) batches are drawn from
+  it with the same stateless P x K sampler as the folder source: identities whole and distinct.
+- Step n is round ``n // B``, batch ``n mod B``: resuming at step n reads only that round.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import heapq
+import io
+import json
+import math
+import os
+import re
+import time
+from typing import Optional
+
+import numpy as np
+import tensorflow as tf
+
+from mobilenet_embed.data import decode
+from mobilenet_embed.errors import UserError
+
+MANIFEST_SUFFIX = ".manifest.json"
+FORMAT = "mbembed-tfrecord"
+VERSION = 1
+KEY_PREFIX = "tfrecord:"
+_SHARD_RE = re.compile(r"^(?P<prefix>.*)-(?P<i>\d{5})-of-(?P<n>\d{5})\.tfrecord$")
+
+
+def shard_name(prefix: str, i: int, n: int) -> str:
+    return f"{prefix}-{i:05d}-of-{n:05d}.tfrecord"
+
+
+def _is_glob(path: str) -> bool:
+    return any(ch in path for ch in "*?[")
+
+
+# --------------------------------------------------------------------------- manifest
+
+
+class Manifest:
+    """A parsed ``PREFIX.manifest.json`` and the shard files the config selects."""
+
+    def __init__(self, path: str, data: dict, selected: Optional[list[int]] = None):
+        self.path = path
+        self.data = data
+        self.identities: list[str] = list(data["identities"])
+        self.shards: list[dict] = list(data["shards"])
+        folder = os.path.dirname(path)
+        self.files = [self._join(folder, s["file"]) for s in self.shards]
+        self.selected = list(range(len(self.shards))) if selected is None else selected
+
+    @staticmethod
+    def _join(folder: str, name: str) -> str:
+        return name if "://" in name or os.path.isabs(name) else (os.path.join(folder, name) if folder else name)
+
+
+def _read_json(path: str) -> dict:
+    try:
+        with tf.io.gfile.GFile(path, "r") as fh:
+            data = json.loads(fh.read())
+    except (tf.errors.NotFoundError, OSError):
+        raise UserError(f"data.path: manifest not found: {path} (written by `mbembed prepare`)") from None
+    except ValueError:
+        raise UserError(f"{path}: not a valid manifest (JSON)") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise UserError(f"{path}: not an mbembed TFRecord manifest (format {FORMAT!r} expected)")
+    return data
+
+
+def load_manifest(path: Optional[str]) -> Manifest:
+    """The manifest for `data.path`: a shard glob, a PREFIX, a shard file, or the manifest itself."""
+    if not path:
+        raise UserError("data.path: required when data.source is 'tfrecord', received None")
+    path = str(path)
+    if path.endswith(MANIFEST_SUFFIX):
+        return Manifest(path, _read_json(path))
+    if _is_glob(path):
+        matches = sorted(tf.io.gfile.glob(path))
+        if not matches:
+            raise UserError(f"data.path: no files match {path}")
+        m = _SHARD_RE.match(matches[0])
+        if not m:
+            raise UserError(f"data.path: {matches[0]} is not a shard written by `mbembed prepare` "
+                            f"(PREFIX-NNNNN-of-NNNNN.tfrecord)")
+        manifest_path = m.group("prefix") + MANIFEST_SUFFIX
+        man = Manifest(manifest_path, _read_json(manifest_path))
+        wanted = {os.path.basename(p) for p in matches}
+        selected = [i for i, s in enumerate(man.shards) if os.path.basename(s["file"]) in wanted]
+        if not selected:
+            raise UserError(f"data.path: none of the files matching {path} is listed in {manifest_path}")
+        man.selected = selected
+        return man
+    m = _SHARD_RE.match(path)
+    if m:
+        man = Manifest(m.group("prefix") + MANIFEST_SUFFIX, _read_json(m.group("prefix") + MANIFEST_SUFFIX))
+        man.selected = [i for i, s in enumerate(man.shards) if os.path.basename(s["file"]) == os.path.basename(path)]
+        return man
+    if not tf.io.gfile.exists(path + MANIFEST_SUFFIX):
+        raise UserError(f"data.path: no TFRecord data at {path} (expected a shard glob such as "
+                        f"PREFIX-*.tfrecord, or PREFIX with {os.path.basename(path)}{MANIFEST_SUFFIX})")
+    return Manifest(path + MANIFEST_SUFFIX, _read_json(path + MANIFEST_SUFFIX))
+
+
+def tfrecord_index(data_cfg, check: bool, report) -> "ImageIndex":  # noqa: F821
+    """ImageIndex of the selected shards (keys ``tfrecord:<shard>:<record>``) from the manifest."""
+    from mobilenet_embed.data.index import ImageIndex
+
+    man = load_manifest(data_cfg.path)
+    report.root = f"{data_cfg.path} ({len(man.selected)} of {len(man.shards)} shards, {man.path})"
+    if check:
+        missing = [man.files[i] for i in man.selected if not tf.io.gfile.exists(man.files[i])]
+        if missing:
+            raise UserError(f"data.path: shard not found: {missing[0]}"
+                            + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    keys: list[str] = []
+    labels: list[int] = []
+    for s in man.selected:
+        r = 0
+        for label, count in man.shards[s]["runs"]:
+            keys.extend(f"{KEY_PREFIX}{s}:{j}" for j in range(r, r + count))
+            labels.extend([label] * count)
+            r += count
+    labels_arr = np.asarray(labels, np.int64)
+    present = np.unique(labels_arr)
+    remap = np.full(len(man.identities), -1, np.int64)
+    remap[present] = np.arange(len(present))
+    order = np.argsort(labels_arr, kind="stable")
+    index = ImageIndex([keys[i] for i in order.tolist()], remap[labels_arr[order]].astype(np.int32),
+                       [man.identities[i] for i in present.tolist()], np.zeros(len(keys), bool))
+    report.identities = len(present)
+    report.images = len(keys)
+    report.checked = True
+    report.image_sizes = dict(man.data.get("image_sizes", {})) if len(man.selected) == len(man.shards) else {}
+    skipped = man.data.get("bad_files", [])
+    report.notes.append(f"images were decoded by `mbembed prepare` when it wrote the shards"
+                        + (f"; it skipped {len(skipped)} unreadable files (listed in {man.path})" if skipped else ""))
+    return index
+
+
+def parse_key(key: str) -> tuple[int, int]:
+    try:
+        prefix, shard, record = key.split(":")
+        if prefix + ":" != KEY_PREFIX:
+            raise ValueError
+        return int(shard), int(record)
+    except ValueError:
+        raise UserError(f"{key}: not a TFRecord image key (expected tfrecord:SHARD:RECORD)") from None
+
+
+FEATURES = {"image": tf.io.FixedLenFeature([], tf.string), "label": tf.io.FixedLenFeature([], tf.int64)}
+
+
+def read_records(data_cfg, keys: list[str]) -> list[bytes]:
+    """Encoded image bytes of `keys` (in order), reading only the shards that hold them."""
+    man = load_manifest(data_cfg.path)
+    wanted: dict[int, set] = {}
+    for key in keys:
+        s, r = parse_key(key)
+        if not 0 <= s < len(man.shards):
+            raise UserError(f"{key}: shard {s} is not in {man.path}")
+        wanted.setdefault(s, set()).add(r)
+    found: dict[tuple[int, int], bytes] = {}
+    for s, records in wanted.items():
+        ds = tf.data.TFRecordDataset(man.files[s]).enumerate()
+        for r, raw in ds.as_numpy_iterator():
+            if int(r) in records:
+                ex = tf.io.parse_single_example(raw, FEATURES)
+                found[(s, int(r))] = ex["image"].numpy()
+    out = []
+    for key in keys:
+        s, r = parse_key(key)
+        if (s, r) not in found:
+            raise UserError(f"{key}: record not found in {man.files[s]}")
+        out.append(found[(s, r)])
+    return out
+
+
+# --------------------------------------------------------------------------- reading for training
+
+
+class RoundPlan:
+    """Rounds of one worker's shards (see the module doc), from the manifest and an index."""
+
+    def __init__(self, man: Manifest, index, p: int, k: int, min_round_images: int, worker_index: int,
+                 num_workers: int):
+        name_to_label = {n: i for i, n in enumerate(index.identities)}
+        self.label_map = np.array([name_to_label.get(n, -1) for n in man.identities], np.int64)
+        if len(man.selected) < num_workers:
+            raise UserError(f"data.path: {len(man.selected)} shards cannot be split across {num_workers} "
+                            f"workers; run `mbembed prepare` with --shards >= {num_workers}")
+        mine = [s for j, s in enumerate(man.selected) if j % num_workers == worker_index]
+        images, identities, max_count = [], [], 1
+        for s in mine:
+            runs = [(lab, c) for lab, c in man.shards[s]["runs"] if self.label_map[lab] >= 0]
+            images.append(sum(c for _, c in runs))
+            identities.append(len({lab for lab, _ in runs}))
+            max_count = max([max_count] + [c for _, c in runs])
+        keep = [i for i, n in enumerate(images) if n > 0]
+        self.files = [man.files[mine[i]] for i in keep]
+        images = [images[i] for i in keep]
+        identities = [identities[i] for i in keep]
+        if not self.files or sum(identities) < p:
+            raise UserError(f"train.identities_per_batch: expected at most the number of identities in "
+                            f"worker {worker_index}'s shards ({sum(identities)}), received {p}")
+        mean_images = sum(images) / len(images)
+        k_shards = max(1, math.ceil(min_round_images / max(mean_images, 1)))
+        smallest = sorted(identities)
+        while k_shards < len(smallest) and sum(smallest[:k_shards]) < p:
+            k_shards += 1
+        self.shards_per_round = min(k_shards, len(self.files))
+        self.rounds_per_epoch = len(self.files) // self.shards_per_round
+        self.batches_per_round = max(1, int(round(self.shards_per_round * mean_images / (p * k))))
+        self.max_count = max_count
+        self.images = sum(images)
+
+
+def tfrecord_pk_plans(man: Manifest, plan: RoundPlan, p: int, k: int, seed: int, start_step: int,
+                      worker_index: int) -> tf.data.Dataset:
+    """Per-step plans ``(image bytes [P*K], labels [P*K], augmentation draws [P*K, 6], step)`` from step
+    `start_step` on (see the module doc)."""
+    from mobilenet_embed.data import sampler
+
+    files = tf.constant(plan.files)
+    label_map = tf.constant(plan.label_map)
+    n_files = len(plan.files)
+    per_round, rounds, batches = plan.shards_per_round, plan.rounds_per_epoch, plan.batches_per_round
+    first_round, first_batch = start_step // batches, start_step % batches
+
+    def load_round(g):
+        epoch, r = g // rounds, g % rounds
+        perm = tf.random.experimental.stateless_shuffle(
+            tf.range(n_files, dtype=tf.int64), seed=sampler.fold_key(seed, sampler.TAG_ROUND, worker_index, epoch))
+        chosen = tf.gather(files, perm[r * per_round:(r + 1) * per_round])
+        raw = tf.data.TFRecordDataset(chosen, num_parallel_reads=per_round).batch(1 << 30).get_single_element()
+        ex = tf.io.parse_example(raw, FEATURES)
+        labels = tf.gather(label_map, ex["label"])
+        kept = tf.where(labels >= 0)[:, 0]  # records of identities in the index
+        uniq, pos = tf.unique(tf.gather(labels, kept), out_idx=tf.int64)
+        rows = tf.gather(kept, tf.argsort(pos, stable=True))  # record of each image, identity-major
+        counts = tf.math.bincount(tf.cast(pos, tf.int32), minlength=tf.size(uniq), dtype=tf.int64)
+        offsets = tf.cumsum(counts, exclusive=True)
+        # the image bytes stay where parse_example put them: only `rows` is reordered
+        return g, ex["image"], rows, uniq, counts, offsets
+
+    def batches_of(g, images, record_of, uniq, counts, offsets):
+        begin = tf.where(g == first_round, tf.constant(first_batch, tf.int64), tf.constant(0, tf.int64))
+
+        def one(b):
+            step = g * batches + b
+            ids = sampler.choose_identities(tf.size(uniq, out_type=tf.int64), p, b,
+                                            lambda n: sampler.fold_key(seed, sampler.TAG_PASS, worker_index, g, n))
+            key = sampler.fold_key(seed, sampler.TAG_STEP, worker_index, step)
+            rows, owners = sampler.pk_plan(offsets, counts, ids, k, key, plan.max_count)
+            return (tf.gather(images, tf.gather(record_of, rows)), tf.gather(uniq, owners),
+                    sampler.image_draws(key, p * k), step)
+
+        return tf.data.Dataset.range(begin, batches).map(one)
+
+    rounds_ds = tf.data.Dataset.range(first_round, np.iinfo(np.int64).max).map(load_round).prefetch(1)
+    return rounds_ds.flat_map(batches_of)
+
+
+# --------------------------------------------------------------------------- prepare
+
+
+def _encoded_bytes(path: str, pillow: bool) -> bytes:
+    if not pillow:
+        with open(path, "rb") as fh:
+            return fh.read()
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(decode.pillow_decode_file(path)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _example(image: bytes, label: int, identity: str, relpath: str) -> bytes:
+    feature = {
+        "image": tf.train.Feature(bytes_list=tf.train.BytesList(value=[image])),
+        "label": tf.train.Feature(int64_list=tf.train.Int64List(value=[label])),
+        "identity": tf.train.Feature(bytes_list=tf.train.BytesList(value=[identity.encode("utf-8")])),
+        "path": tf.train.Feature(bytes_list=tf.train.BytesList(value=[relpath.encode("utf-8")])),
+    }
+    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
+
+
+def assign_shards(counts: np.ndarray, n_shards: int, seed: int) -> list[list[int]]:
+    """Identities (labels) per shard: largest first onto the least-filled shard; each shard's
+    identities then in a seeded random order."""
+    rng = np.random.default_rng([int(seed), 0x5A2D])
+    shuffled = rng.permutation(len(counts))
+    order = sorted(shuffled.tolist(), key=lambda i: -int(counts[i]))
+    heap = [(0, s) for s in range(n_shards)]
+    shards: list[list[int]] = [[] for _ in range(n_shards)]
+    for i in order:
+        filled, s = heapq.heappop(heap)
+        shards[s].append(i)
+        heapq.heappush(heap, (filled + int(counts[i]), s))
+    rank = {int(i): r for r, i in enumerate(shuffled.tolist())}
+    return [sorted(ids, key=lambda i: rank[i]) for ids in shards]
+
+
+def prepare_tfrecords(data_cfg, data_dir: str, out_prefix: str, shards: int, force: bool = False, seed: int = 0,
+                      progress: bool = True, log=print) -> dict:
+    """Write the shards and manifest for the identity folder `data_dir` (see the module doc).
+
+    Returns a summary: images, identities, shards, bad files skipped, bytes, seconds, files.
+    """
+    import dataclasses
+
+    from tqdm import tqdm
+
+    from mobilenet_embed.data.index import inspect_data
+
+    if shards < 1:
+        raise UserError(f"--shards: expected an integer >= 1, received {shards}")
+    t0 = time.perf_counter()
+    out_prefix = str(out_prefix)
+    if out_prefix.endswith(MANIFEST_SUFFIX):
+        out_prefix = out_prefix[: -len(MANIFEST_SUFFIX)]
+    names = [shard_name(out_prefix, i, shards) for i in range(shards)]
+    manifest_path = out_prefix + MANIFEST_SUFFIX
+    existing = [p for p in names + [manifest_path] if tf.io.gfile.exists(p)]
+    stale = [p for p in tf.io.gfile.glob(f"{out_prefix}-*-of-*.tfrecord") if _SHARD_RE.match(p) and p not in names]
+    if (existing or stale) and not force:
+        first = (existing or stale)[0]
+        raise UserError(f"--out {out_prefix}: {first} exists (and {len(existing) + len(stale) - 1} more "
+                        f"outputs); pass --force to overwrite")
+
+    folder_cfg = dataclasses.replace(data_cfg, source="folder", path=str(data_dir), identities_file=None,
+                                     exclude_identities_file=None, identities_folds=None)
+    index, report = inspect_data(folder_cfg, check=True)
+    for line in report.summary_lines(max_bad=20):
+        log(line)
+    if index.num_images == 0:
+        raise UserError(f"--data {data_dir}: no readable images")
+    counts = index.counts()
+    per_shard = assign_shards(counts, shards, seed)
+    offsets = np.concatenate([[0], np.cumsum(counts)])
+    pillow = index.pillow_flags()
+    parent = os.path.dirname(out_prefix)
+    if parent:
+        tf.io.gfile.makedirs(parent)
+    root = os.path.abspath(str(data_dir))
+    shard_info = []
+    total_bytes = 0
+    reencoded = int(pillow.sum())
+    bar = tqdm(total=index.num_images, unit="img", desc="prepare", disable=not progress, dynamic_ncols=True)
+    workers = max(2, min(8, 2 * (os.cpu_count() or 1)))
+    written: list[str] = []
+    try:
+        with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+            for s, ids in enumerate(per_shard):
+                rows = [r for i in ids for r in range(int(offsets[i]), int(offsets[i + 1]))]
+                tmp = f"{names[s]}.tmp-{os.getpid()}"
+                written.append(tmp)
+                n_bytes = 0
+                with tf.io.TFRecordWriter(tmp) as writer:
+                    blobs = pool.map(lambda r: _encoded_bytes(index.paths[r], bool(pillow[r])), rows)
+                    for r, blob in zip(rows, blobs):
+                        label = int(index.labels[r])
+                        writer.write(_example(blob, label, index.identities[label],
+                                              os.path.relpath(index.paths[r], root)))
+                        n_bytes += len(blob)
+                        bar.update(1)
+                total_bytes += n_bytes
+                shard_info.append({"file": os.path.basename(names[s]), "images": len(rows),
+                                   "runs": [[int(i), int(counts[i])] for i in ids]})
+    except BaseException:
+        for tmp in written:
+            if tf.io.gfile.exists(tmp):
+                tf.io.gfile.remove(tmp)
+        raise
+    finally:
+        bar.close()
+    for tmp, final in zip(written, names):
+        tf.io.gfile.rename(tmp, final, overwrite=True)
+    for p in stale:
+        tf.io.gfile.remove(p)
+    manifest = {
+        "format": FORMAT, "version": VERSION, "source": root,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "images": int(index.num_images), "identities": list(index.identities),
+        "counts": [int(c) for c in counts], "shards": shard_info,
+        "image_sizes": report.image_sizes, "reencoded_png": reencoded,
+        "min_images_per_identity": int(data_cfg.min_images_per_identity),
+        "bad_files": [[p, r] for p, r in report.bad_files],
+    }
+    tmp = f"{manifest_path}.tmp-{os.getpid()}"
+    with tf.io.gfile.GFile(tmp, "w") as fh:
+        fh.write(json.dumps(manifest, indent=1))
+    tf.io.gfile.rename(tmp, manifest_path, overwrite=True)
+    return {"images": int(index.num_images), "identities": int(index.num_identities), "shards": shards,
+            "small_identities_skipped": int(report.identities - index.num_identities),
+            "min_images_per_identity": int(data_cfg.min_images_per_identity),
+            "bad_files": len(report.bad_files), "reencoded_png": reencoded, "bytes": int(total_bytes),
+            "seconds": time.perf_counter() - t0, "check_seconds": report.check_seconds,
+            "manifest": manifest_path, "files": names}
+
