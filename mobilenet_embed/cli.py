@@ -94,6 +94,10 @@ def model_summary(cfg: Config, image_size: int | None, show_layers: bool) -> Non
     click.echo(f"multiply-adds: {multiply_adds(net):,}")
 
 
+from mobilenet_embed.commands.train import train  # noqa: E402
+
+main.add_command(train)
+
 from mobilenet_embed.commands.export import export  # noqa: E402
 
 main.add_command(export)

@@ -101,6 +101,8 @@ class TrainConfig:
                           doc="tf.distribute strategy")
     cross_replica_mining: bool = _spec(False, doc="mine triplets over the global batch, not per replica")
     sync_batch_norm: bool = _spec(False, doc="several replicas: batch-norm statistics over the global batch, not per replica")
+    bn_momentum: Optional[float] = _spec(None, low=0.0, high=1.0, high_open=True,
+                                         doc="momentum of every batch-norm moving average while training (null: the model's 0.99); lower warms up faster in short runs")
     checkpoint_every_steps: int = _spec(500, low=1, doc="write a checkpoint every N steps")
     keep_checkpoints: int = _spec(3, low=1, doc="how many recent checkpoints to keep")
     val_every_epochs: int = _spec(1, low=1, doc="validate every N epochs")

@@ -1,0 +1,129 @@
+"""Embed image paths with a model, and verification metrics of pairs: shared by train and eval.
+
+- `embed_paths(model_or_fn, data_cfg, paths, batch_size, flip=False)`: embeddings ``[N, D]`` in
+  the order of `paths`, each distinct path read and embedded once (LFW pairs repeat images).
+- `pair_distances(emb_by_path, pairs, distance)`: one distance per pair.
+- `evaluate_pairs(...)`: both, then `mobilenet_embed.metrics.verification_metrics`.
+
+Images go through `mobilenet_embed.data.images_dataset`, the preprocessing training uses (no
+augmentation). With `flip`, each embedding is the mean of the image's and its mirror image's
+embeddings, L2-normalised again so distances keep their range.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence, Union
+
+import numpy as np
+
+from mobilenet_embed.errors import UserError
+
+if TYPE_CHECKING:
+    import keras
+
+    from mobilenet_embed.config import DataConfig
+    from mobilenet_embed.pairs import Pair
+
+ModelOrFn = Union["keras.Model", Callable[[Any], Any]]
+
+DISTANCES = ("squared-L2", "cosine", "L2")
+
+_INFERENCE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _l2_normalize(x: np.ndarray) -> np.ndarray:
+    norm = np.linalg.norm(x, axis=1, keepdims=True)
+    return x / np.maximum(norm, 1e-12)
+
+
+def _embed_fn(model_or_fn: ModelOrFn) -> Callable[[Any], np.ndarray]:
+    """A function images -> NumPy embeddings (a Keras model runs in inference mode, traced once)."""
+    import keras
+    import tensorflow as tf
+
+    if isinstance(model_or_fn, keras.Model):
+        fn = _INFERENCE.get(model_or_fn)
+        if fn is None:  # one traced function per model, reused by every validation of a run
+            model = model_or_fn
+            fn = tf.function(lambda x: tf.cast(model(x, training=False), tf.float32), reduce_retracing=True)
+            _INFERENCE[model_or_fn] = fn
+    elif hasattr(model_or_fn, "embed"):  # an mbembed Embedder (Keras, SavedModel, TFLite)
+        fn = model_or_fn.embed
+    else:
+        fn = model_or_fn
+
+    def run(images):
+        out = fn(images)
+        return np.asarray(out.numpy() if hasattr(out, "numpy") else out, dtype=np.float32)
+
+    return run
+
+
+def embed_paths(model_or_fn: ModelOrFn, data_cfg: "DataConfig", paths: Sequence[str], batch_size: int = 64,
+                flip: bool = False) -> np.ndarray:
+    """Embeddings ``[len(paths), D]`` of the images at `paths` (each distinct path embedded once).
+
+    `model_or_fn`: a Keras embedding model, an object with ``embed(images)`` (see
+    `mobilenet_embed.embedders`), or any callable on preprocessed float32 ``[B, S, S, 3]``
+    batches returning ``[B, D]``.
+    """
+    from mobilenet_embed.data import images_dataset
+
+    paths = [str(p) for p in paths]
+    if not paths:
+        raise UserError("no images to embed")
+    unique = list(dict.fromkeys(paths))
+    run = _embed_fn(model_or_fn)
+
+    def embed_all(mirror: bool) -> np.ndarray:
+        chunks = [run(batch[0] if isinstance(batch, (tuple, list)) else batch)
+                  for batch in images_dataset(data_cfg, unique, batch_size, flip=mirror)]
+        out = np.concatenate(chunks, axis=0)
+        if len(out) != len(unique):
+            raise UserError(f"embedded {len(out)} images, expected {len(unique)} (unreadable images?)")
+        return out
+
+    embeddings = embed_all(False)
+    if flip:
+        embeddings = _l2_normalize(embeddings + embed_all(True))
+    position = {p: i for i, p in enumerate(unique)}
+    return embeddings[[position[p] for p in paths]]
+
+
+def pair_distances(emb_by_path: dict, pairs: Iterable["Pair"], distance: str = "squared-L2") -> np.ndarray:
+    """Distance of each pair's two embeddings (``squared-L2``, ``cosine`` = 1 - cos, or ``L2``)."""
+    if distance not in DISTANCES:
+        raise UserError(f"distance: expected one of {', '.join(DISTANCES)}, received {distance!r}")
+    pairs = list(pairs)
+    try:
+        a = np.stack([np.asarray(emb_by_path[p.path_a], np.float64) for p in pairs])
+        b = np.stack([np.asarray(emb_by_path[p.path_b], np.float64) for p in pairs])
+    except KeyError as exc:
+        raise UserError(f"no embedding for {exc.args[0]}") from None
+    if distance == "cosine":
+        cos = np.sum(_l2_normalize(a) * _l2_normalize(b), axis=1)
+        return 1.0 - cos
+    sq = np.sum(np.square(a - b), axis=1)
+    return np.sqrt(sq) if distance == "L2" else sq
+
+
+def evaluate_pairs(model_or_fn: ModelOrFn, data_cfg: "DataConfig", pairs: Sequence["Pair"], batch_size: int = 64,
+                   flip: bool = False, n_folds: int = 10, far_target: float = 1e-3,
+                   distance: str = "squared-L2") -> dict:
+    """`verification_metrics` of `pairs` embedded by `model_or_fn` (plus ``distances``, ``issame``)."""
+    from mobilenet_embed.metrics import verification_metrics
+
+    pairs = list(pairs)
+    if not pairs:
+        raise UserError("no pairs to evaluate")
+    paths = list(dict.fromkeys([p.path_a for p in pairs] + [p.path_b for p in pairs]))
+    emb = embed_paths(model_or_fn, data_cfg, paths, batch_size, flip=flip)
+    emb_by_path = dict(zip(paths, emb))
+    distances = pair_distances(emb_by_path, pairs, distance)
+    issame = np.array([bool(p.issame) for p in pairs])
+    folds = min(n_folds, len(pairs))
+    metrics = verification_metrics(distances, issame, n_folds=folds, far_target=far_target, distance=distance)
+    metrics["distances"] = distances
+    metrics["issame"] = issame
+    return metrics
