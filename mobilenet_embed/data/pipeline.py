@@ -133,13 +133,17 @@ def _check_pk(cfg, num_replicas: int, worker_index: int, num_workers: int) -> tu
 
 
 def _batches(plans: tf.data.Dataset, load_one, finish, pk: int, start_step: int,
-             counters: Optional[DataCounters]) -> tf.data.Dataset:
-    """Plans (sources..., labels, draws, step) -> (images, labels) batches, see the module doc."""
+             counters: Optional[DataCounters], shared: int = 0) -> tf.data.Dataset:
+    """Plans (shared..., sources..., labels, draws, step) -> (images, labels) batches (module doc).
+
+    ``load_one(*shared, *source_row, draws_row)``: the first `shared` plan entries are passed
+    whole to every image (the TFRecord round's contents), the sources row by row.
+    """
 
     def one_step(*plan):
-        *sources, labels, draws, step = plan
+        common, (*sources, labels, draws, step) = plan[:shared], plan[shared:]
         images = tf.data.Dataset.from_tensor_slices((tuple(sources), draws)).map(
-            lambda src, row: load_one(*src, row))
+            lambda src, row: load_one(*common, *src, row))
         batch = images.batch(pk, drop_remainder=True)
         if finish is None:
             return batch.map(lambda x: (x, tf.cast(labels, tf.int32), step))
@@ -228,8 +232,12 @@ def pk_batches(cfg, index: Optional[ImageIndex] = None, start_step: int = 0, num
         man = tfrecord.load_manifest(data_cfg.path)
         plan = tfrecord.RoundPlan(man, index, p, k, data_cfg.shuffle_buffer, worker_index, num_workers)
         plans = tfrecord.tfrecord_pk_plans(man, plan, p, k, seed, start_step, worker_index)
-        return _batches(plans, _from_bytes(data_cfg, augment), _batch_finish(data_cfg, augment), p * k,
-                        start_step, counters)
+        from_bytes = _from_bytes(data_cfg, augment)
+
+        def load(content, pos, length, draws):
+            return from_bytes(tf.strings.substr(content, pos, length), draws)
+
+        return _batches(plans, load, _batch_finish(data_cfg, augment), p * k, start_step, counters, shared=1)
     if data_cfg.source == "synthetic" or (len(index) and synthetic.is_synthetic_key(index.paths[0])):
         load, tables = _synthetic_loader(data_cfg, augment)
         sources = _synthetic_ids(index, tables)

@@ -4,7 +4,9 @@ Layout. ``PREFIX-00000-of-000NN.tfrecord`` shards of one `tf.train.Example` per 
 (``image``: the encoded bytes, ``label``: int64, ``identity``: the name, ``path``: the file's
 path relative to the data folder), and ``PREFIX.manifest.json``: identities (label i is
 ``identities[i]``), images per identity, and per shard its file name, image count and its
-records as runs ``[label, count]`` in file order. Every identity lives whole in one shard, its
+records as runs ``[label, count]`` in file order; next to each shard, ``<shard>.index``: int64
+little-endian ``[records, 2]``, the byte offset and length of each record's image bytes inside
+the shard file. Every identity lives whole in one shard, its
 images contiguous; identities are dealt to shards largest first onto the least-filled shard
 (seeded order), so shards hold about the same number of images.
 
@@ -12,8 +14,8 @@ images contiguous; identities are dealt to shards largest first onto the least-f
 are skipped, counted and listed in the manifest. Identities with fewer than
 `data.min_images_per_identity` readable images (default 2: no triplet without a positive) are
 not written (``--set data.min_images_per_identity=1`` keeps them); identity lists
-(`data.identities_file`, ...) are not applied here but when training reads the shards. Bytes TensorFlow decodes (JPEG, PNG, BMP,
-GIF, WebP) are stored as they are; other formats (PGM, TIFF, ...) are re-encoded as PNG, so
+(`data.identities_file`, ...) are not applied here but when training reads the shards. Bytes
+TensorFlow decodes (JPEG, PNG, BMP, GIF, WebP) are stored as they are; other formats (PGM, TIFF, ...) are re-encoded as PNG, so
 reading shards never needs Pillow. Shards and manifest are written under temporary names and
 renamed when complete; existing outputs are only replaced with ``force``.
 
@@ -25,9 +27,12 @@ resumption from a step without reading what came before:
 - An *epoch* is a seeded permutation of the worker's shards, cut into *rounds* of k shards (k
   chosen so a round holds at least `data.shuffle_buffer` images and at least P identities; the
   shards left over by the cut wait for the next epoch's permutation).
-- A round is read whole into memory (parallel reads of its k files, the next round read while
+- A round is read whole into memory (one `tf.io.read_file` per shard, the next round read while
   the current one is used), and B = round(k * images per shard / (P K)) batches are drawn from
   it with the same stateless P x K sampler as the folder source: identities whole and distinct.
+  Each image's bytes are cut out of the shard contents with `tf.strings.substr` at the offsets
+  of the ``.index`` file: no `tf.train.Example` parsing in training (the records stay ordinary
+  Examples for any other reader).
 - Step n is round ``n // B``, batch ``n mod B``: resuming at step n reads only that round.
 """
 
@@ -56,8 +61,21 @@ KEY_PREFIX = "tfrecord:"
 _SHARD_RE = re.compile(r"^(?P<prefix>.*)-(?P<i>\d{5})-of-(?P<n>\d{5})\.tfrecord$")
 
 
+INDEX_SUFFIX = ".index"
+
+
 def shard_name(prefix: str, i: int, n: int) -> str:
     return f"{prefix}-{i:05d}-of-{n:05d}.tfrecord"
+
+
+def read_shard_index(path: str) -> np.ndarray:
+    """int64 ``[records, 2]`` (offset, length) of the image bytes of each record of a shard."""
+    try:
+        with tf.io.gfile.GFile(path + INDEX_SUFFIX, "rb") as fh:
+            data = fh.read()
+    except (tf.errors.NotFoundError, OSError):
+        raise UserError(f"data.path: shard index not found: {path + INDEX_SUFFIX} (written by `mbembed prepare`)") from None
+    return np.frombuffer(data, dtype="<i8").reshape(-1, 2).astype(np.int64)
 
 
 def _is_glob(path: str) -> bool:
@@ -105,7 +123,7 @@ def load_manifest(path: Optional[str]) -> Manifest:
     if path.endswith(MANIFEST_SUFFIX):
         return Manifest(path, _read_json(path))
     if _is_glob(path):
-        matches = sorted(tf.io.gfile.glob(path))
+        matches = sorted(p for p in tf.io.gfile.glob(path) if not p.endswith((INDEX_SUFFIX, MANIFEST_SUFFIX)))
         if not matches:
             raise UserError(f"data.path: no files match {path}")
         m = _SHARD_RE.match(matches[0])
@@ -138,9 +156,10 @@ def tfrecord_index(data_cfg, check: bool, report) -> "ImageIndex":  # noqa: F821
     man = load_manifest(data_cfg.path)
     report.root = f"{data_cfg.path} ({len(man.selected)} of {len(man.shards)} shards, {man.path})"
     if check:
-        missing = [man.files[i] for i in man.selected if not tf.io.gfile.exists(man.files[i])]
+        missing = [f for i in man.selected for f in (man.files[i], man.files[i] + INDEX_SUFFIX)
+                   if not tf.io.gfile.exists(f)]
         if missing:
-            raise UserError(f"data.path: shard not found: {missing[0]}"
+            raise UserError(f"data.path: shard file not found: {missing[0]}"
                             + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
     keys: list[str] = []
     labels: list[int] = []
@@ -177,9 +196,6 @@ def parse_key(key: str) -> tuple[int, int]:
         raise UserError(f"{key}: not a TFRecord image key (expected tfrecord:SHARD:RECORD)") from None
 
 
-FEATURES = {"image": tf.io.FixedLenFeature([], tf.string), "label": tf.io.FixedLenFeature([], tf.int64)}
-
-
 def read_records(data_cfg, keys: list[str]) -> list[bytes]:
     """Encoded image bytes of `keys` (in order), reading only the shards that hold them."""
     man = load_manifest(data_cfg.path)
@@ -191,18 +207,14 @@ def read_records(data_cfg, keys: list[str]) -> list[bytes]:
         wanted.setdefault(s, set()).add(r)
     found: dict[tuple[int, int], bytes] = {}
     for s, records in wanted.items():
-        ds = tf.data.TFRecordDataset(man.files[s]).enumerate()
-        for r, raw in ds.as_numpy_iterator():
-            if int(r) in records:
-                ex = tf.io.parse_single_example(raw, FEATURES)
-                found[(s, int(r))] = ex["image"].numpy()
-    out = []
-    for key in keys:
-        s, r = parse_key(key)
-        if (s, r) not in found:
-            raise UserError(f"{key}: record not found in {man.files[s]}")
-        out.append(found[(s, r)])
-    return out
+        where = read_shard_index(man.files[s])
+        with tf.io.gfile.GFile(man.files[s], "rb") as fh:
+            content = fh.read()
+        for r in records:
+            if not 0 <= r < len(where):
+                raise UserError(f"tfrecord:{s}:{r}: record not found in {man.files[s]}")
+            found[(s, r)] = content[where[r, 0]:where[r, 0] + where[r, 1]]
+    return [found[parse_key(key)] for key in keys]
 
 
 # --------------------------------------------------------------------------- reading for training
@@ -227,6 +239,23 @@ class RoundPlan:
             max_count = max([max_count] + [c for _, c in runs])
         keep = [i for i, n in enumerate(images) if n > 0]
         self.files = [man.files[mine[i]] for i in keep]
+        # per record of the kept shards, flat: image offset and length in its shard, index label
+        starts, pos, length, labels = [0], [], [], []
+        for i in keep:
+            where = read_shard_index(man.files[mine[i]])
+            rec_labels = np.repeat([lab for lab, _ in man.shards[mine[i]]["runs"]],
+                                   [c for _, c in man.shards[mine[i]]["runs"]])
+            if len(where) != len(rec_labels):
+                raise UserError(f"{man.files[mine[i]]}{INDEX_SUFFIX}: {len(where)} records, the manifest says "
+                                f"{len(rec_labels)}; run `mbembed prepare` again")
+            pos.append(where[:, 0])
+            length.append(where[:, 1])
+            labels.append(self.label_map[rec_labels])
+            starts.append(starts[-1] + len(where))
+        self.record_starts = np.asarray(starts, np.int64)
+        self.record_pos = np.concatenate(pos) if pos else np.zeros(0, np.int64)
+        self.record_len = np.concatenate(length) if length else np.zeros(0, np.int64)
+        self.record_label = np.concatenate(labels) if labels else np.zeros(0, np.int64)
         images = [images[i] for i in keep]
         identities = [identities[i] for i in keep]
         if not self.files or sum(identities) < p:
@@ -246,12 +275,15 @@ class RoundPlan:
 
 def tfrecord_pk_plans(man: Manifest, plan: RoundPlan, p: int, k: int, seed: int, start_step: int,
                       worker_index: int) -> tf.data.Dataset:
-    """Per-step plans ``(image bytes [P*K], labels [P*K], augmentation draws [P*K, 6], step)`` from step
-    `start_step` on (see the module doc)."""
+    """Per-step plans ``(round contents, image offsets [P*K], lengths [P*K], labels [P*K],
+    augmentation draws [P*K, 6], step)`` from step `start_step` on (see the module doc)."""
     from mobilenet_embed.data import sampler
 
     files = tf.constant(plan.files)
-    label_map = tf.constant(plan.label_map)
+    starts = tf.constant(plan.record_starts)
+    rec_pos = tf.constant(plan.record_pos)
+    rec_len = tf.constant(plan.record_len)
+    rec_label = tf.constant(plan.record_label)
     n_files = len(plan.files)
     per_round, rounds, batches = plan.shards_per_round, plan.rounds_per_epoch, plan.batches_per_round
     first_round, first_batch = start_step // batches, start_step % batches
@@ -260,19 +292,22 @@ def tfrecord_pk_plans(man: Manifest, plan: RoundPlan, p: int, k: int, seed: int,
         epoch, r = g // rounds, g % rounds
         perm = tf.random.experimental.stateless_shuffle(
             tf.range(n_files, dtype=tf.int64), seed=sampler.fold_key(seed, sampler.TAG_ROUND, worker_index, epoch))
-        chosen = tf.gather(files, perm[r * per_round:(r + 1) * per_round])
-        raw = tf.data.TFRecordDataset(chosen, num_parallel_reads=per_round).batch(1 << 30).get_single_element()
-        ex = tf.io.parse_example(raw, FEATURES)
-        labels = tf.gather(label_map, ex["label"])
+        chosen = perm[r * per_round:(r + 1) * per_round]
+        parts = [tf.io.read_file(tf.gather(files, chosen[j])) for j in range(per_round)]
+        content = parts[0] if per_round == 1 else tf.strings.join(parts)
+        base = tf.cumsum(tf.cast(tf.strings.length(tf.stack(parts)), tf.int64), exclusive=True)
+        ranges = tf.ragged.range(tf.gather(starts, chosen), tf.gather(starts, chosen + 1))
+        records = ranges.flat_values
+        pos = tf.gather(base, ranges.value_rowids()) + tf.gather(rec_pos, records)
+        labels = tf.gather(rec_label, records)
         kept = tf.where(labels >= 0)[:, 0]  # records of identities in the index
-        uniq, pos = tf.unique(tf.gather(labels, kept), out_idx=tf.int64)
-        rows = tf.gather(kept, tf.argsort(pos, stable=True))  # record of each image, identity-major
-        counts = tf.math.bincount(tf.cast(pos, tf.int32), minlength=tf.size(uniq), dtype=tf.int64)
-        offsets = tf.cumsum(counts, exclusive=True)
-        # the image bytes stay where parse_example put them: only `rows` is reordered
-        return g, ex["image"], rows, uniq, counts, offsets
+        uniq, group = tf.unique(tf.gather(labels, kept), out_idx=tf.int64)
+        rows = tf.gather(kept, tf.argsort(group, stable=True))  # identity-major
+        counts = tf.math.bincount(tf.cast(group, tf.int32), minlength=tf.size(uniq), dtype=tf.int64)
+        return g, content, tf.gather(pos, rows), tf.gather(tf.gather(rec_len, records), rows), uniq, counts, \
+            tf.cumsum(counts, exclusive=True)
 
-    def batches_of(g, images, record_of, uniq, counts, offsets):
+    def batches_of(g, content, pos, lengths, uniq, counts, offsets):
         begin = tf.where(g == first_round, tf.constant(first_batch, tf.int64), tf.constant(0, tf.int64))
 
         def one(b):
@@ -281,7 +316,7 @@ def tfrecord_pk_plans(man: Manifest, plan: RoundPlan, p: int, k: int, seed: int,
                                             lambda n: sampler.fold_key(seed, sampler.TAG_PASS, worker_index, g, n))
             key = sampler.fold_key(seed, sampler.TAG_STEP, worker_index, step)
             rows, owners = sampler.pk_plan(offsets, counts, ids, k, key, plan.max_count)
-            return (tf.gather(images, tf.gather(record_of, rows)), tf.gather(uniq, owners),
+            return (content, tf.gather(pos, rows), tf.gather(lengths, rows), tf.gather(uniq, owners),
                     sampler.image_draws(key, p * k), step)
 
         return tf.data.Dataset.range(begin, batches).map(one)
@@ -383,18 +418,25 @@ def prepare_tfrecords(data_cfg, data_dir: str, out_prefix: str, shards: int, for
             for s, ids in enumerate(per_shard):
                 rows = [r for i in ids for r in range(int(offsets[i]), int(offsets[i + 1]))]
                 tmp = f"{names[s]}.tmp-{os.getpid()}"
-                written.append(tmp)
-                n_bytes = 0
+                tmp_index = f"{names[s]}{INDEX_SUFFIX}.tmp-{os.getpid()}"
+                written += [tmp, tmp_index]
+                n_bytes, at, where = 0, 0, []
                 with tf.io.TFRecordWriter(tmp) as writer:
                     blobs = pool.map(lambda r: _encoded_bytes(index.paths[r], bool(pillow[r])), rows)
                     for r, blob in zip(rows, blobs):
                         label = int(index.labels[r])
-                        writer.write(_example(blob, label, index.identities[label],
-                                              os.path.relpath(index.paths[r], root)))
+                        record = _example(blob, label, index.identities[label], os.path.relpath(index.paths[r], root))
+                        writer.write(record)
+                        # a record is: length (8 bytes), its CRC (4), the data, the data's CRC (4)
+                        where.append((at + 12 + record.find(blob), len(blob)))
+                        at += 16 + len(record)
                         n_bytes += len(blob)
                         bar.update(1)
+                with tf.io.gfile.GFile(tmp_index, "wb") as fh:
+                    fh.write(np.asarray(where, dtype="<i8").reshape(-1, 2).tobytes())
                 total_bytes += n_bytes
                 shard_info.append({"file": os.path.basename(names[s]), "images": len(rows),
+                                   "index": os.path.basename(names[s]) + INDEX_SUFFIX,
                                    "runs": [[int(i), int(counts[i])] for i in ids]})
     except BaseException:
         for tmp in written:
@@ -403,10 +445,13 @@ def prepare_tfrecords(data_cfg, data_dir: str, out_prefix: str, shards: int, for
         raise
     finally:
         bar.close()
-    for tmp, final in zip(written, names):
-        tf.io.gfile.rename(tmp, final, overwrite=True)
+    for s, final in enumerate(names):
+        tf.io.gfile.rename(written[2 * s], final, overwrite=True)
+        tf.io.gfile.rename(written[2 * s + 1], final + INDEX_SUFFIX, overwrite=True)
     for p in stale:
-        tf.io.gfile.remove(p)
+        for f in (p, p + INDEX_SUFFIX):
+            if tf.io.gfile.exists(f):
+                tf.io.gfile.remove(f)
     manifest = {
         "format": FORMAT, "version": VERSION, "source": root,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
