@@ -120,7 +120,8 @@ class DataReport:
     identities_with_two: int = 0   # selected identities with >= 2 readable images
     min_images_per_identity: int = 2
     max_bad_fraction: float = 0.01
-    image_sizes: dict = field(default_factory=dict)  # "HxW" -> count (checked images)
+    image_sizes: dict = field(default_factory=dict)  # "HxW" -> count, over the usable images
+    size_of: dict = field(default_factory=dict, repr=False)  # path -> "HxW" (folder check)
     notes: list = field(default_factory=list)
 
     @property
@@ -156,7 +157,7 @@ class DataReport:
             text = ", ".join(f"{k} ({v:,})" for k, v in common[:3])
             if len(common) > 3:
                 text += f", ... ({len(common)} sizes)"
-            lines.append(f"image sizes: {text}")
+            lines.append(f"image sizes (usable images): {text}")
         if self.checked and self.check_seconds:
             lines.append(f"checked {self.images:,} images in {self.check_seconds:.1f} s "
                          f"({self.cached_checks:,} from the check cache)")
@@ -280,16 +281,14 @@ def _folder_index(data_cfg, check: bool, report: DataReport) -> ImageIndex:
         report.checked = True
         report.check_seconds = result.seconds
         report.cached_checks = result.cached
-        sizes: collections.Counter = collections.Counter()
         for i, p in enumerate(paths):
             r = result.results[p]
             if r.ok:
                 pillow[i] = r.route == decode.ROUTE_PILLOW
-                sizes[f"{r.height}x{r.width}"] += 1
+                report.size_of[p] = f"{r.height}x{r.width}"
             else:
                 good[i] = False
                 report.bad_files.append((p, r.reason))
-        report.image_sizes = dict(sizes)
     identities = list(files)
     labels = np.repeat(np.arange(len(identities)), [len(files[n]) for n in identities])
     index = ImageIndex(paths, labels, identities, pillow)
@@ -357,6 +356,8 @@ def inspect_data(data_cfg, check: bool = True) -> tuple[ImageIndex, DataReport]:
     report.usable_images = int(counts[usable].sum())
     if not usable.all():
         index = index.subset([n for n, u in zip(index.identities, usable.tolist()) if u])
+    if report.size_of:
+        report.image_sizes = dict(collections.Counter(report.size_of[p] for p in index.paths))
     return index, report
 
 
