@@ -141,8 +141,14 @@ class RunLog:
 
             done_before = (epoch - 1) * self.steps_per_epoch
             total = min(self.steps_per_epoch, self.total_steps - done_before)
+            import shutil
+
+            # a terminal that reports 0 columns (some ptys) would get an empty bar
+            sized = shutil.get_terminal_size((0, 0)).columns > 0
             self._bar = tqdm(total=total, initial=step - 1 - done_before, desc=f"epoch {epoch}/{self.epochs}",
-                             file=self.stream, dynamic_ncols=True, leave=True, unit="step")
+                             file=self.stream, dynamic_ncols=sized, ncols=None if sized else 110,
+                             nrows=None if sized else 40, leave=True,
+                             unit="step")
             self._bar_epoch = epoch
         self._bar.update(1)
         if self._postfix:

@@ -559,12 +559,16 @@ def train(cfg: Config, run_dir: Optional[str] = None, fresh: bool = False, force
             result = step_fn(images, labels, with_stats=log_now)
             loss = float(result["loss"])
             dt = time.perf_counter() - t0
-            if not math.isfinite(loss):
+            # A non-finite gradient (finite loss) would poison the weights this step wrote: stop too,
+            # unless a loss-scale optimizer skips such steps by design (mixed_float16).
+            grad_norm = float(result["grad_norm"]) if not step_fn.loss_scaled else 0.0
+            if not math.isfinite(loss) or not math.isfinite(grad_norm):
                 kept = manager.latest()
                 where = (f"the last good checkpoint (step {kept.step}) is intact in {ckpt_dir}" if kept
                          else "no checkpoint was written")
+                what = f"the loss is {loss}" if not math.isfinite(loss) else f"the gradient norm is {grad_norm}"
                 raise TrainingDiverged(
-                    f"step {next_step}: the loss is {loss} (not finite); training stopped, {where}. Try a "
+                    f"step {next_step}: {what} (not finite); training stopped, {where}. Try a "
                     f"lower train.learning_rate (now {tcfg.learning_rate:g})"
                     + (", or train.clip_norm" if not tcfg.clip_norm else ""))
             step = next_step

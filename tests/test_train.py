@@ -400,3 +400,33 @@ def test_learning_happens_on_held_out_synthetic_identities(tmp_path):
     assert logged[-1]["loss"] < logged[0]["loss"]
     assert result.final_validation["accuracy"] >= 0.65  # chance: 0.5 (measured: 0.76)
     assert result.final_validation["auc"] >= 0.7
+
+
+def test_folder_source_with_eval_pairs_validation(tmp_path):
+    """data.source=folder trains, and eval.pairs (an LFW pairs file) is what validation scores."""
+    from PIL import Image
+
+    from mobilenet_embed.train import train
+
+    rng = np.random.default_rng(0)
+    root = tmp_path / "faces"
+    names = [f"Person_{i}" for i in range(6)]
+    for i, name in enumerate(names):
+        (root / name).mkdir(parents=True)
+        base = rng.integers(0, 255, size=(40, 40, 3))
+        for n in range(1, 5):
+            noisy = np.clip(base + rng.normal(0, 20, size=base.shape), 0, 255).astype(np.uint8)
+            Image.fromarray(noisy).save(root / name / f"{name}_{n:04d}.png")
+    same = [f"{names[i]}\t1\t{2 + i % 3}" for i in range(4)]
+    diff = [f"{names[i]}\t1\t{names[i + 1]}\t2" for i in range(4)]
+    pairs = tmp_path / "pairs.txt"
+    pairs.write_text("\n".join(["4", *same, *diff]) + "\n")
+
+    cfg = load_config(None, TINY + ["data.source=folder", f"data.path={root}", "data.check_cache=null",
+                                    f"eval.pairs={pairs}", "train.epochs=1"])
+    out = io.StringIO()
+    result = train(cfg, run_dir=str(tmp_path / "run"), stream=out)
+    assert result.steps == 3
+    assert f"validation: {pairs} (8 pairs)" in out.getvalue()
+    assert [r["pairs"] for r in _jsonl(result.run_dir, "validation")] == [8]
+    assert 0.0 <= result.final_validation["accuracy"] <= 1.0
