@@ -44,15 +44,36 @@ def config_options(func: Callable) -> Callable:
 
 
 def quiet_tensorflow() -> None:
-    """Silence TensorFlow's C++ start-up chatter unless the user asked for it."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    """Import TensorFlow without its C++ start-up chatter, unless the user set TF_CPP_MIN_LOG_LEVEL.
+
+    TF 2.21 prints its oneDNN/CUDA notices through absl before logging is initialised, where
+    TF_CPP_MIN_LOG_LEVEL has no effect, so stderr is muted for the duration of the import.
+    Errors of the import itself still surface as Python exceptions afterwards.
+    """
+    if "TF_CPP_MIN_LOG_LEVEL" in os.environ or "tensorflow" in sys.modules:
+        return
+    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            try:
+                import tensorflow  # noqa: F401
+            except Exception:  # pragma: no cover - shown again when the command imports it
+                pass
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 @click.group(cls=ErrorHandlingGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="mbembed")
-def main() -> None:
+@click.pass_context
+def main(ctx: click.Context) -> None:
     """mbembed: train, evaluate and export MobileNet face-embedding models."""
-    quiet_tensorflow()
+    if ctx.invoked_subcommand not in (None, "config"):
+        quiet_tensorflow()
 
 
 @main.group()
@@ -106,6 +127,10 @@ from mobilenet_embed.commands.data import data_group, prepare  # noqa: E402
 
 main.add_command(data_group)
 main.add_command(prepare)
+
+from mobilenet_embed.commands.eval import eval_command  # noqa: E402
+
+main.add_command(eval_command)
 
 
 def run() -> None:
