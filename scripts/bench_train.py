@@ -47,6 +47,9 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--warmup", type=int, default=10, help="untimed steps first (also the logging interval)")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--jit-compile", action="store_true", help="XLA for both (default: off, as on CPU)")
+    ap.add_argument("--data", default=None, metavar="DIR",
+                    help="train on this identity folder (e.g. LFW) instead of synthetic images")
+    ap.add_argument("--crop-fraction", type=float, default=1.0, help="with --data: central crop kept")
     ap.add_argument("--out", default=os.path.join("bench", "train.json"))
     return ap
 
@@ -55,8 +58,10 @@ def _config(args, run_dir: str):
     from mobilenet_embed.config import load_config
 
     steps = args.warmup + args.steps
-    return load_config(None, [
-        "data.source=synthetic", f"data.image_size={args.image_size}", "data.val_identities=0",
+    source = (["data.source=folder", f"data.path={args.data}", f"data.crop_fraction={args.crop_fraction}"]
+              if args.data else ["data.source=synthetic"])
+    return load_config(None, source + [
+        f"data.image_size={args.image_size}", "data.val_identities=0",
         f"model.alpha={args.alpha}", f"train.identities_per_batch={args.P}", f"train.images_per_identity={args.K}",
         "train.epochs=1", f"train.steps_per_epoch={steps}", f"train.log_every_steps={args.warmup}",
         f"train.checkpoint_every_steps={steps}", f"train.jit_compile={str(args.jit_compile).lower()}",
