@@ -7,7 +7,8 @@
 
 Images go through `mobilenet_embed.data.images_dataset`, the preprocessing training uses (no
 augmentation). With `flip`, each embedding is the mean of the image's and its mirror image's
-embeddings, L2-normalised again so distances keep their range.
+embeddings, L2-normalised again so distances keep their range; the mirror is taken of the
+decoded, preprocessed batch, so every image is decoded once.
 """
 
 from __future__ import annotations
@@ -70,23 +71,30 @@ def embed_paths(model_or_fn: ModelOrFn, data_cfg: "DataConfig", paths: Sequence[
     """
     from mobilenet_embed.data import images_dataset
 
+    import tensorflow as tf
+
     paths = [str(p) for p in paths]
     if not paths:
         raise UserError("no images to embed")
     unique = list(dict.fromkeys(paths))
     run = _embed_fn(model_or_fn)
-
-    def embed_all(mirror: bool) -> np.ndarray:
-        chunks = [run(batch[0] if isinstance(batch, (tuple, list)) else batch)
-                  for batch in images_dataset(data_cfg, unique, batch_size, flip=mirror)]
-        out = np.concatenate(chunks, axis=0)
-        if len(out) != len(unique):
-            raise UserError(f"embedded {len(out)} images, expected {len(unique)} (unreadable images?)")
-        return out
-
-    embeddings = embed_all(False)
-    if flip:
-        embeddings = _l2_normalize(embeddings + embed_all(True))
+    chunks = []
+    try:
+        # check=False: each image is read and decoded exactly once (no separate check pass)
+        for batch in images_dataset(data_cfg, unique, batch_size, check=False):
+            out = run(batch)
+            if flip:
+                # the mirror of a preprocessed image is the preprocessed mirror image (the central
+                # crop and the resize are symmetric): no second decode
+                out = _l2_normalize(out + run(tf.reverse(batch, axis=[2])))
+            chunks.append(out)
+    except tf.errors.OpError:
+        # an image that does not decode: the checked dataset names it (UserError)
+        images_dataset(data_cfg, unique, batch_size, check=True)
+        raise
+    embeddings = np.concatenate(chunks, axis=0)
+    if len(embeddings) != len(unique):
+        raise UserError(f"embedded {len(embeddings)} images, expected {len(unique)} (unreadable images?)")
     position = {p: i for i, p in enumerate(unique)}
     return embeddings[[position[p] for p in paths]]
 

@@ -127,3 +127,34 @@ def test_malformed_pairs_line_names_file_and_line(faces, keras_model, tmp_path):
     with pytest.raises(UserError, match=f"{pairs}:3: "):
         evaluate(load_config(None, ["eval.folds=2"]), model=keras_model, data=faces, pairs=str(pairs),
                  out_dir=str(tmp_path / "o"))
+
+
+def test_flip_embedding_equals_mean_with_the_mirrored_file(faces, keras_model, tmp_path):
+    """The mirror is taken after decoding (one decode per image): it must equal embedding a
+    mirrored copy of the file, crop and resize included."""
+    import keras
+    from mobilenet_embed.embedding import embed_paths
+
+    cfg = load_config(None, ["data.image_size=32", "data.crop_fraction=0.7"])
+    src = os.path.join(faces, "Person_1", "Person_1_0001.jpg")
+    img = np.asarray(Image.open(src).convert("RGB"))
+    # PNG copies, so no JPEG re-encoding stands between the image and its mirror
+    Image.fromarray(img).save(tmp_path / "a.png")
+    Image.fromarray(img[:, ::-1]).save(tmp_path / "a_mirror.png")
+    model = keras.models.load_model(keras_model)
+    plain, mirror = embed_paths(model, cfg.data, [str(tmp_path / "a.png"), str(tmp_path / "a_mirror.png")])
+    flipped = embed_paths(model, cfg.data, [str(tmp_path / "a.png")], flip=True)[0]
+    expected = (plain + mirror) / np.linalg.norm(plain + mirror)
+    np.testing.assert_allclose(flipped, expected, atol=1e-5)
+
+
+def test_unreadable_image_in_pairs_is_named(faces, keras_model, tmp_path):
+    import shutil
+    root = tmp_path / "faces"
+    shutil.copytree(faces, root)
+    (root / "Person_2" / "Person_2_0001.jpg").write_bytes(b"not a jpeg at all")
+    pairs = tmp_path / "pairs.txt"
+    pairs.write_text("1 1\nPerson_2\t1\t2\nPerson_0\t1\tPerson_1\t1\n")
+    with pytest.raises(UserError, match="Person_2_0001.jpg: unreadable image"):
+        evaluate(load_config(None, ["eval.folds=2"]), model=keras_model, data=str(root), pairs=str(pairs),
+                 out_dir=str(tmp_path / "o"))
