@@ -113,3 +113,10 @@ def test_shipped_configs_are_valid():
 def test_user_error_is_the_only_exit_2_path():
     with pytest.raises(UserError):
         load_config(None, ["seed=-1"])
+
+
+def test_readme_documents_every_key():
+    with open("README.md", encoding="utf-8") as fh:
+        readme = fh.read()
+    missing = [key for key, *_ in reference_rows() if f"`{key}`" not in readme]
+    assert not missing, f"README's config reference lacks {missing}: run scripts/config_reference.py"
