@@ -107,6 +107,16 @@ def _synthetic_loader(data_cfg, augment: bool):
     tables = synthetic.SyntheticTables.from_config(data_cfg)
     from_decoded = _from_decoded(data_cfg, augment)
 
+    atlas = tables.atlas(data_cfg.image_size)
+    if atlas is not None:  # rendered once up front: each image is drawn many times in training
+        per_identity = tables.images_per_identity
+
+        def load(identity, image, draws):
+            row = tf.cast(identity, tf.int64) * per_identity + tf.cast(image, tf.int64)
+            return from_decoded(tf.cast(tf.gather(atlas, row), tf.float32), draws)
+
+        return load, tables
+
     def load(identity, image, draws):
         return from_decoded(tables.render(identity, image, data_cfg.image_size), draws)
 
