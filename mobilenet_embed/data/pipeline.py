@@ -312,6 +312,7 @@ def images_dataset(data_cfg, paths: list, batch_size: int, flip: bool = False,
         pillow = np.array([decode.route_by_extension(p) == decode.ROUTE_PILLOW for p in paths], bool)
     any_pillow = bool(pillow.any())
 
+    @tf.autograph.experimental.do_not_convert  # plain graph code; AutoGraph's gast trips on it
     def load(path, flag):
         if not any_pillow:
             image = decode.decode_image_bytes(tf.io.read_file(path))
