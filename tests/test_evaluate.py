@@ -13,6 +13,7 @@ from mobilenet_embed.config import load_config
 from mobilenet_embed.errors import UserError
 from mobilenet_embed.evaluate import evaluate
 from mobilenet_embed.model import build_embedding_model
+from modelutil import he_initialise
 
 
 @pytest.fixture(scope="module")
@@ -32,14 +33,8 @@ def faces(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def keras_model(tmp_path_factory):
-    import keras
     model = build_embedding_model(image_size=32, alpha=0.25, embedding_size=16)
-    rng = np.random.default_rng(1)
-    for layer in model.layers:  # He-like weights: a random net that still separates colours
-        if isinstance(layer, (keras.layers.Conv2D, keras.layers.Dense)):
-            w = layer.get_weights()
-            fan_in = np.prod(w[0].shape[:-1])
-            layer.set_weights([rng.normal(0, np.sqrt(2.0 / fan_in), w[0].shape).astype("float32")] + w[1:])
+    he_initialise(model, seed=1)  # a random net that still separates colours
     path = str(tmp_path_factory.mktemp("model") / "m.keras")
     model.save(path)
     return path

@@ -27,7 +27,8 @@ from mobilenet_embed.embedders import SavedModelEmbedder, load_embedder  # noqa:
 from mobilenet_embed.errors import UserError  # noqa: E402
 from mobilenet_embed.export import (FILENAMES, REPORT_NAME, export_embeddings, export_model,  # noqa: E402
                                    export_saved_model, export_tflite)
-from mobilenet_embed.model import build_embedding_model  # noqa: E402
+from mobilenet_embed.model import build_embedding_model
+from modelutil import he_initialise  # noqa: E402
 
 SIZE = 32
 OVERRIDES = [
@@ -36,20 +37,6 @@ OVERRIDES = [
     "export.representative_samples=24", "export.parity_samples=12", "eval.folds=2",
 ]
 ALL_FORMATS = ["saved_model", "tflite_float32", "tflite_float16", "tflite_int8"]
-
-
-def he_initialise(model, seed: int = 0) -> None:
-    from keras import layers
-
-    rng = np.random.default_rng(seed)
-    for layer in model.layers:
-        if isinstance(layer, layers.DepthwiseConv2D):
-            fan_in = int(np.prod(layer.kernel.shape[:2]))
-        elif isinstance(layer, (layers.Conv2D, layers.Dense)):
-            fan_in = int(np.prod(layer.kernel.shape[:-1]))
-        else:
-            continue
-        layer.kernel.assign(rng.normal(0, np.sqrt(2.0 / fan_in), layer.kernel.shape).astype(np.float32))
 
 
 def tiny_model():
