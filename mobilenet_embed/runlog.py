@@ -168,16 +168,7 @@ class RunLog:
         epoch = self.epoch_of(step)
         record = {"kind": "train", "step": step, "epoch": epoch,
                   "time": round(time.perf_counter() - self._t0, 3)}
-        record.update({k: _jsonable(float(v)) for k, v in values.items()})
-        if self._jsonl is not None:
-            self._jsonl.write(json.dumps(record) + "\n")
-            self._jsonl.flush()
-        if self._writer is not None:
-            import tensorflow as tf
-
-            with self._writer.as_default(step=step):
-                for key, value in values.items():
-                    tf.summary.scalar(f"train/{key}", float(value))
+        self._record(record, "train", step, {k: float(v) for k, v in values.items()})
         if self.tty:
             self._postfix = {"loss": f"{values['loss']:.4f}"}
             if "active_fraction" in values:
@@ -190,13 +181,9 @@ class RunLog:
             print(plain_line(step, self.total_steps, epoch, self.epochs, values,
                              self.eta(step)), file=self.stream, flush=True)
 
-    def log_validation(self, step: int, metrics: dict, seconds: float, n_pairs: int) -> None:
-        if not self.is_chief:
-            return
-        values = {k: float(metrics[k]) for k in VAL_KEYS if k in metrics}
-        record = {"kind": "validation", "step": step, "epoch": self.epoch_of(step),
-                  "time": round(time.perf_counter() - self._t0, 3), "pairs": n_pairs,
-                  "seconds": round(seconds, 3)}
+    def _record(self, record: dict, tag: str, step: int, values: dict) -> None:
+        """One metrics.jsonl line (`record` plus `values`) and the same scalars under `tag/` in
+        TensorBoard."""
         record.update({k: _jsonable(v) for k, v in values.items()})
         if self._jsonl is not None:
             self._jsonl.write(json.dumps(record) + "\n")
@@ -206,7 +193,17 @@ class RunLog:
 
             with self._writer.as_default(step=step):
                 for key, value in values.items():
-                    tf.summary.scalar(f"val/{key}", value)
+                    tf.summary.scalar(f"{tag}/{key}", value)
+
+    def log_validation(self, step: int, metrics: dict, seconds: float, n_pairs: int) -> None:
+        if not self.is_chief:
+            return
+        values = {k: float(metrics[k]) for k in VAL_KEYS if k in metrics}
+        record = {"kind": "validation", "step": step, "epoch": self.epoch_of(step),
+                  "time": round(time.perf_counter() - self._t0, 3), "pairs": n_pairs,
+                  "seconds": round(seconds, 3)}
+        self._record(record, "val", step, values)
+        if self._writer is not None:
             self._writer.flush()
         line = (f"validation step {step} epoch {self.epoch_of(step)}: accuracy "
                 f"{values.get('accuracy', float('nan')):.4f} +- {values.get('accuracy_std', float('nan')):.4f}")
