@@ -19,13 +19,14 @@ disturb least. The index check is done (and cached) before timing. Writes JSON t
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
 import sys
 import tempfile
 import time
+
+from benchutil import write_result
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -150,12 +151,7 @@ def main(argv: list[str]) -> dict:
         runs = ", ".join(f"{r:,.0f}" for r in rates[name])
         print(f"| {label} | {median[name]:,.0f} | {median[name] / median['bare']:.2f}x | {best[name]:,.0f} | "
               f"{best[name] / best['bare']:.2f}x | {cpu_median[name]:.0f} | {runs} |")
-    out_dir = os.path.dirname(args.out)
-    if out_dir:
-        os.makedirs(out_dir, exist_ok=True)
-    with open(args.out, "w", encoding="utf-8") as fh:
-        json.dump(result, fh, indent=1)
-    print(f"wrote {args.out}")
+    write_result(args.out, result)
     return result
 
 

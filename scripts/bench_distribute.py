@@ -24,6 +24,8 @@ import subprocess
 import sys
 import time
 
+from benchutil import write_result
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -135,10 +137,7 @@ def main(argv: list[str]) -> dict:
     print(f"cross-replica mining costs {100 * result['cross_replica_mining_overhead']:+.1f}% step time "
           "(median, on vs off)")
     if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w", encoding="utf-8") as fh:
-            json.dump(result, fh, indent=1)
-        print(f"wrote {args.out}")
+        write_result(args.out, result)
     return result
 
 

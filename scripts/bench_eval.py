@@ -12,9 +12,10 @@ Target: eval >= 0.9x bare. The model is randomly initialised (speed does not dep
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
+
+from benchutil import write_result
 
 
 def main(argv: list[str]) -> dict:
@@ -79,7 +80,5 @@ def main(argv: list[str]) -> dict:
     print(f"{'bare inference':<16}{best['bare_inference']:>10.1f}{1.0:>8.2f}")
     print(f"{'mbembed eval':<16}{best['eval_pipeline']:>10.1f}{ratio:>8.2f}")
     print(f"target eval >= 0.9x bare: {'met' if ratio >= 0.9 else 'NOT met'}")
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w", encoding="utf-8") as fh:
-        json.dump(result, fh, indent=2)
+    write_result(args.out, result)
     return result

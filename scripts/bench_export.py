@@ -33,6 +33,8 @@ import time
 
 import numpy as np
 
+from benchutil import write_result
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
@@ -203,10 +205,7 @@ def main(argv: list[str] | None = None) -> dict:
     if "targets" in result:
         print("targets:", json.dumps(result["targets"]))
     if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w", encoding="utf-8") as fh:
-            json.dump(result, fh, indent=1)
-        print(f"written: {args.out}")
+        write_result(args.out, result)
     return result
 
 

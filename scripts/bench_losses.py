@@ -24,6 +24,8 @@ import sys
 import time
 from pathlib import Path
 
+from benchutil import write_result
+
 REPO = Path(__file__).resolve().parents[1]
 MARGIN = 0.2
 IMAGES_PER_IDENTITY = 4
@@ -191,10 +193,7 @@ def main(argv: list[str]) -> dict:
     }
     print(f"target at B=1024 ({result['target']}): "
           f"{'not measured' if result['target_met'] is None else 'met' if result['target_met'] else 'NOT met'}")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
-    print(f"wrote {out}")
+    write_result(args.out, result)
     return result
 
 

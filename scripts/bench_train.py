@@ -34,6 +34,8 @@ import sys
 import tempfile
 import time
 
+from benchutil import write_result
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -202,10 +204,7 @@ def main(argv: list[str]) -> dict:
     print(f"pipeline CPU time: {result['pipeline_alone']['cpu_us_per_image']:.0f} us/image, spent on the same "
           f"{os.cpu_count()} cores as the model when there is no accelerator")
     if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w", encoding="utf-8") as fh:
-            json.dump(result, fh, indent=1)
-        print(f"wrote {args.out}")
+        write_result(args.out, result)
     return result
 
 
