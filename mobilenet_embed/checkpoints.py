@@ -17,21 +17,33 @@ Only the chief writes under the run directory. Under `MultiWorkerMirroredStrateg
 workers still call `save` (saving may run collective ops that need every worker); they write to a
 private temporary directory that is deleted at once. Every worker reads the same files to resume,
 so the run directory must be on a filesystem all workers see.
+
+What a ``--checkpoint`` argument names (`resolve_checkpoint`), the run config that comes with it
+(`run_config_path`, `config_for_checkpoint`) and the Keras model it holds
+(`load_checkpoint_model`) are resolved here too, for `eval`, `export` and the embedders.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
 import shutil
 import tempfile
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Optional
 
+import numpy as np
 import tensorflow as tf
 
+from mobilenet_embed import atomic
 from mobilenet_embed.errors import UserError
+
+if TYPE_CHECKING:
+    import keras
+
+    from mobilenet_embed.config import Config
 
 INDEX = "checkpoint.json"
 PREFIX = "ckpt"  # file prefix inside each checkpoint directory
@@ -52,13 +64,14 @@ class CheckpointInfo:
         return os.path.join(self.path, PREFIX)
 
 
-def _write_json_atomic(path: str, data: Any) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(data, fh, indent=1, sort_keys=True)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+def checkpoint_step(path: str) -> Optional[int]:
+    """The step of a checkpoint directory named ``ckpt-<step>`` or ``best-<step>``, else None."""
+    match = _NAME.match(os.path.basename(os.path.normpath(str(path))))
+    return int(match.group(2)) if match else None
+
+
+def _write_index(directory: str, index: dict) -> None:
+    atomic.write_json(os.path.join(directory, INDEX), index, indent=1, sort_keys=True)
 
 
 def read_index(directory: str) -> Optional[dict]:
@@ -110,8 +123,8 @@ def load_weights(model, checkpoint_path: str) -> int:
         prefix, step = info.prefix, info.step
     else:
         prefix = os.path.join(path, PREFIX)
-        match = _NAME.match(os.path.basename(os.path.normpath(path)))
-        step = int(match.group(2)) if match else -1
+        step = checkpoint_step(path)
+        step = -1 if step is None else step
     if not os.path.isfile(prefix + ".index"):
         raise UserError(f"{checkpoint_path}: not a training checkpoint (no {prefix}.index)")
     tf.train.Checkpoint(model=model).read(prefix).expect_partial()
@@ -189,7 +202,7 @@ class CheckpointManager:
             if self.is_chief:
                 index = self.index()
                 index["state"] = dict(state or {})
-                _write_json_atomic(os.path.join(self.directory, INDEX), index)
+                _write_index(self.directory, index)
             return CheckpointInfo(os.path.join(self.directory, name), step, dict(state or {}))
         path = self._write(name, step)
         self.last_step = int(step)
@@ -198,7 +211,7 @@ class CheckpointManager:
             kept = [n for n in index.get("kept", []) if n != name] + [name]
             kept = kept[-self.keep:]
             index.update(latest={"name": name, "step": int(step)}, kept=kept, state=dict(state or {}))
-            _write_json_atomic(os.path.join(self.directory, INDEX), index)
+            _write_index(self.directory, index)
             self._clean()
         return CheckpointInfo(path, step, dict(state or {}))
 
@@ -209,7 +222,7 @@ class CheckpointManager:
         if self.is_chief:
             index = self.index()
             index["best"] = {"name": name, "step": int(step), "metrics": dict(metrics)}
-            _write_json_atomic(os.path.join(self.directory, INDEX), index)
+            _write_index(self.directory, index)
             self._clean()
         return CheckpointInfo(path, step, dict(metrics))
 
@@ -225,7 +238,7 @@ class CheckpointManager:
             path = os.path.join(self.directory, entry)
             if entry == INDEX:
                 continue
-            if entry.startswith("ckpt-tmp-") or entry.startswith(INDEX + ".tmp-"):
+            if entry.startswith(("ckpt-tmp-", INDEX + ".tmp-", atomic.TMP_PREFIX + INDEX)):
                 # A temporary of another live process cannot exist: one chief per run directory.
                 shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else _unlink(path)
             elif _NAME.match(entry) and entry not in wanted:
@@ -237,3 +250,149 @@ def _unlink(path: str) -> None:
         os.unlink(path)
     except OSError:
         pass
+
+
+# --------------------------------------------------------------------------- what a --checkpoint names
+
+
+@dataclasses.dataclass(frozen=True)
+class ResolvedCheckpoint:
+    """What a `--checkpoint` argument names.
+
+    `kind`: ``keras`` (a whole ``.keras`` model file), ``weights`` (a ``.weights.h5`` file) or
+    ``tf_checkpoint`` (a training checkpoint directory ``ckpt-<step>/`` or ``best-<step>/``,
+    see the module doc). `which`: ``file`` (named directly), ``best``,
+    ``latest`` or ``final`` (a run's ``model.keras``). `step`: the training step, when known.
+    """
+
+    path: str
+    kind: str
+    which: str = "file"
+    step: Optional[int] = None
+
+
+def _is_tf_checkpoint_dir(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, PREFIX + ".index"))
+
+
+def resolve_checkpoint(path: str) -> ResolvedCheckpoint:
+    """The checkpoint `path` means (as `mbembed eval --checkpoint` reads it).
+
+    * a ``.keras`` or ``.weights.h5`` file: that file;
+    * a training checkpoint directory (``ckpt-<step>/``, ``best-<step>/``): that checkpoint;
+    * a run directory or its ``checkpoints/`` directory: its best checkpoint (by validation
+      accuracy, from ``checkpoints/checkpoint.json``), else its latest one, else the run's final
+      ``model.keras``.
+    """
+    path = str(path)
+    if os.path.isfile(path):
+        if path.endswith(".keras"):
+            return ResolvedCheckpoint(path, "keras")
+        if path.endswith(".weights.h5"):
+            return ResolvedCheckpoint(path, "weights")
+        if path.endswith(".index") and os.path.basename(path).startswith(PREFIX):
+            return resolve_checkpoint(os.path.dirname(path) or ".")
+        raise UserError(f"{path}: not a checkpoint (expected a .keras or .weights.h5 file, a "
+                        "checkpoint directory or a run directory)")
+    if not os.path.isdir(path):
+        raise UserError(f"{path}: checkpoint not found")
+    if _is_tf_checkpoint_dir(path):
+        return ResolvedCheckpoint(path, "tf_checkpoint", "file", checkpoint_step(path))
+    ckpt_dir = path
+    if os.path.isdir(os.path.join(path, "checkpoints")):
+        ckpt_dir = os.path.join(path, "checkpoints")
+    best = best_checkpoint(ckpt_dir)
+    if best is not None:
+        return ResolvedCheckpoint(best.path, "tf_checkpoint", "best", best.step)
+    latest = latest_checkpoint(ckpt_dir)
+    if latest is not None:
+        return ResolvedCheckpoint(latest.path, "tf_checkpoint", "latest", latest.step)
+    final = os.path.join(path, "model.keras")
+    if os.path.isfile(final):
+        return ResolvedCheckpoint(final, "keras", "final")
+    raise UserError(f"{path}: no checkpoint in this directory (no checkpoints/checkpoint.json "
+                    "naming a best or latest checkpoint, no model.keras)")
+
+
+def run_config_path(checkpoint: str) -> Optional[str]:
+    """The ``config.yaml`` of the run a checkpoint belongs to, or None.
+
+    Looked for in the run directory itself, the folder of a checkpoint file
+    (``<run>/model.keras``), and above ``checkpoints/`` (``<run>/checkpoints/best-N/``,
+    ``<run>/checkpoints/x.keras``); never further up.
+    """
+    path = os.path.abspath(str(checkpoint)).rstrip(os.sep)
+    folder = path if os.path.isdir(path) else os.path.dirname(path)
+    candidates = [folder]
+    if checkpoint_step(folder) is not None:
+        folder = os.path.dirname(folder)
+    if os.path.basename(folder) == "checkpoints":
+        candidates.append(os.path.dirname(folder))
+    for candidate in candidates:
+        found = os.path.join(candidate, "config.yaml")
+        if os.path.isfile(found):
+            return found
+    return None
+
+
+def config_for_checkpoint(cfg: Optional["Config"], checkpoint: str) -> "Config":
+    """`cfg` (defaults when None) with its `model` and `data` sections replaced by those of the
+    run `checkpoint` comes from, when that run saved a ``config.yaml``: the model is rebuilt
+    and its inputs preprocessed as in training. Other sections (export, eval) stay `cfg`'s.
+    """
+    import yaml
+
+    from mobilenet_embed.config import Config, config_from_dict
+
+    cfg = cfg if cfg is not None else Config()
+    found = run_config_path(checkpoint)
+    if found is None:
+        return cfg
+    try:
+        with open(found, encoding="utf-8") as fh:
+            run_cfg = config_from_dict(yaml.safe_load(fh) or {}, source=found)
+    except yaml.YAMLError as exc:
+        raise UserError(f"{found}: not valid YAML ({exc.__class__.__name__})") from None
+    return dataclasses.replace(cfg, model=run_cfg.model, data=run_cfg.data)
+
+
+def load_checkpoint_model(checkpoint: str, cfg: Optional["Config"] = None
+                          ) -> tuple["keras.Model", "Config"]:
+    """The Keras embedding model of a checkpoint (`resolve_checkpoint`) and the config to use
+    with it (`config_for_checkpoint`: a run's saved config wins for `model` and `data`).
+
+    ``.keras`` files are loaded whole (``compile=False``). Weights files and training
+    checkpoints are loaded into ``build_model_from_config(cfg.model, cfg.data.image_size)``,
+    the latter with `load_weights`. The returned config's
+    ``data.image_size`` is the model's input size.
+    """
+    import keras
+
+    from mobilenet_embed.model import build_model_from_config
+
+    resolved = resolve_checkpoint(checkpoint)
+    cfg = config_for_checkpoint(cfg, resolved.path if resolved.which == "file" else checkpoint)
+    path = resolved.path
+    try:
+        if resolved.kind == "keras":
+            model = keras.models.load_model(path, compile=False)
+        else:
+            model = build_model_from_config(dataclasses.replace(cfg.model, backbone_weights=None),
+                                            cfg.data.image_size)
+            if resolved.kind == "weights":
+                model.load_weights(path)
+            else:
+                before = [w.numpy().copy() for w in model.weights]
+                load_weights(model, path)
+                if all(np.array_equal(b, w.numpy()) for b, w in zip(before, model.weights)):
+                    raise UserError(f"{path}: no weight of the model was found in this checkpoint "
+                                    "(does the config's model section match the run's?)")
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        raise UserError(f"{path}: cannot load checkpoint: {str(exc).splitlines()[0]}") from None
+    if len(model.outputs) != 1:
+        raise UserError(f"{path}: expected an embedding model with one output, received "
+                        f"{len(model.outputs)} outputs")
+    size = model.input_shape[1]
+    if isinstance(size, int) and size != cfg.data.image_size:
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, image_size=size))
+    return model, cfg

@@ -6,15 +6,19 @@ summary. A `UserError` anywhere becomes one line `Error: <message>` and exit cod
 
 from __future__ import annotations
 
-import functools
 import os
 import sys
-from typing import Any, Callable
+from typing import Any
 
 import click
 
 from mobilenet_embed import __version__
-from mobilenet_embed.config import Config, dump_yaml, load_config
+from mobilenet_embed.commands.data import data_group, prepare
+from mobilenet_embed.commands.eval import eval_command
+from mobilenet_embed.commands.export import export
+from mobilenet_embed.commands.options import config_options
+from mobilenet_embed.commands.train import train
+from mobilenet_embed.config import Config, dump_yaml
 from mobilenet_embed.errors import UserError
 
 
@@ -27,20 +31,6 @@ class ErrorHandlingGroup(click.Group):
         except UserError as exc:
             click.echo(f"Error: {exc}", err=True)
             ctx.exit(2)
-
-
-def config_options(func: Callable) -> Callable:
-    """Add `--config FILE` and repeatable `--set key=value`, passed on as `cfg: Config`."""
-
-    @click.option("--config", "-c", "config_path", type=click.Path(dir_okay=False), default=None,
-                  help="YAML config file (defaults in code when omitted).")
-    @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
-                  help="Override one config key, value parsed as YAML (repeatable): --set train.epochs=3")
-    @functools.wraps(func)
-    def wrapper(*args: Any, config_path: str | None, overrides: tuple[str, ...], **kwargs: Any) -> Any:
-        return func(*args, cfg=load_config(config_path, overrides), **kwargs)
-
-    return wrapper
 
 
 def quiet_tensorflow() -> None:
@@ -115,21 +105,10 @@ def model_summary(cfg: Config, image_size: int | None, show_layers: bool) -> Non
     click.echo(f"multiply-adds: {multiply_adds(net):,}")
 
 
-from mobilenet_embed.commands.train import train  # noqa: E402
-
 main.add_command(train)
-
-from mobilenet_embed.commands.export import export  # noqa: E402
-
 main.add_command(export)
-
-from mobilenet_embed.commands.data import data_group, prepare  # noqa: E402
-
 main.add_command(data_group)
 main.add_command(prepare)
-
-from mobilenet_embed.commands.eval import eval_command  # noqa: E402
-
 main.add_command(eval_command)
 
 

@@ -1,7 +1,7 @@
 """tf.distribute for training: choosing the strategy, who is chief, and handing replicas their slice.
 
 One custom training loop serves every strategy (Keras 3 `fit` fails under
-`MultiWorkerMirroredStrategy` on TF 2.21, see DESIGN.md): a `tf.function` step calls
+`MultiWorkerMirroredStrategy` on TF 2.21: `ValueError` on a `PerReplica`): a `tf.function` step calls
 `strategy.run`; each replica gets a contiguous slice of the global P x K batch holding whole
 identities (P divisible by the number of replicas).
 

@@ -17,7 +17,7 @@ What `load_embedder(path)` accepts, by what `path` is:
 * a directory holding ``saved_model.pb``: `SavedModelEmbedder`;
 * a ``*.keras`` / ``*.weights.h5`` file, a training checkpoint directory (``ckpt-<step>/``,
   ``best-<step>/``) or a run directory (its best checkpoint, else its latest, else its final
-  ``model.keras``): `KerasEmbedder`, via `load_checkpoint_model` (`resolve_checkpoint`).
+  ``model.keras``): `KerasEmbedder`, via `mobilenet_embed.checkpoints.load_checkpoint_model`.
 
 The input contract of every embedder is the preprocessed float image; quantised TFLite
 models get their inputs quantised (and outputs dequantised and re-normalised) inside
@@ -27,9 +27,7 @@ when it is known (else the config's ``data.crop_fraction``).
 
 from __future__ import annotations
 
-import dataclasses
 import os
-import re
 from typing import TYPE_CHECKING, Any, Optional, Protocol, runtime_checkable
 
 import numpy as np
@@ -73,8 +71,10 @@ def _check_images(images: Any, image_size: int, where: str) -> np.ndarray:
 
 
 def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
-    """Rows of `x` scaled to unit length (rows of zeros stay zero)."""
-    x = np.asarray(x, dtype=np.float32)
+    """Rows of `x` scaled to unit length (rows of zeros stay zero); float64 stays float64, any
+    other input becomes float32."""
+    x = np.asarray(x)
+    x = x if x.dtype == np.float64 else x.astype(np.float32, copy=False)
     norm = np.linalg.norm(x, axis=-1, keepdims=True)
     return x / np.maximum(norm, eps)
 
@@ -294,158 +294,6 @@ class TFLiteEmbedder(_BatchedEmbedder):
         return contract
 
 
-# --------------------------------------------------------------------------- checkpoints
-
-
-@dataclasses.dataclass(frozen=True)
-class ResolvedCheckpoint:
-    """What a `--checkpoint` argument names.
-
-    `kind`: ``keras`` (a whole ``.keras`` model file), ``weights`` (a ``.weights.h5`` file) or
-    ``tf_checkpoint`` (a training checkpoint directory ``ckpt-<step>/`` or ``best-<step>/``,
-    see `mobilenet_embed.checkpoints`). `which`: ``file`` (named directly), ``best``,
-    ``latest`` or ``final`` (a run's ``model.keras``). `step`: the training step, when known.
-    """
-
-    path: str
-    kind: str
-    which: str = "file"
-    step: Optional[int] = None
-
-
-def _is_tf_checkpoint_dir(path: str) -> bool:
-    from mobilenet_embed import checkpoints
-
-    return os.path.isfile(os.path.join(path, checkpoints.PREFIX + ".index"))
-
-
-def resolve_checkpoint(path: str) -> ResolvedCheckpoint:
-    """The checkpoint `path` means (as `mbembed eval --checkpoint` reads it).
-
-    * a ``.keras`` or ``.weights.h5`` file: that file;
-    * a training checkpoint directory (``ckpt-<step>/``, ``best-<step>/``): that checkpoint;
-    * a run directory or its ``checkpoints/`` directory: its best checkpoint (by validation
-      accuracy, from ``checkpoints/checkpoint.json``), else its latest one, else the run's final
-      ``model.keras``.
-    """
-    from mobilenet_embed import checkpoints
-
-    path = str(path)
-    if os.path.isfile(path):
-        if path.endswith(".keras"):
-            return ResolvedCheckpoint(path, "keras")
-        if path.endswith(".weights.h5"):
-            return ResolvedCheckpoint(path, "weights")
-        if path.endswith(".index") and os.path.basename(path).startswith(checkpoints.PREFIX):
-            return resolve_checkpoint(os.path.dirname(path) or ".")
-        raise UserError(f"{path}: not a checkpoint (expected a .keras or .weights.h5 file, a "
-                        "checkpoint directory or a run directory)")
-    if not os.path.isdir(path):
-        raise UserError(f"{path}: checkpoint not found")
-    if _is_tf_checkpoint_dir(path):
-        match = re.match(r"^(?:ckpt|best)-(\d+)$", os.path.basename(os.path.normpath(path)))
-        return ResolvedCheckpoint(path, "tf_checkpoint", "file", int(match.group(1)) if match else None)
-    ckpt_dir = path
-    if os.path.isdir(os.path.join(path, "checkpoints")):
-        ckpt_dir = os.path.join(path, "checkpoints")
-    best = checkpoints.best_checkpoint(ckpt_dir)
-    if best is not None:
-        return ResolvedCheckpoint(best.path, "tf_checkpoint", "best", best.step)
-    latest = checkpoints.latest_checkpoint(ckpt_dir)
-    if latest is not None:
-        return ResolvedCheckpoint(latest.path, "tf_checkpoint", "latest", latest.step)
-    final = os.path.join(path, "model.keras")
-    if os.path.isfile(final):
-        return ResolvedCheckpoint(final, "keras", "final")
-    raise UserError(f"{path}: no checkpoint in this directory (no checkpoints/checkpoint.json "
-                    "naming a best or latest checkpoint, no model.keras)")
-
-
-def run_config_path(checkpoint: str) -> Optional[str]:
-    """The ``config.yaml`` of the run a checkpoint belongs to, or None.
-
-    Looked for in the run directory itself, the folder of a checkpoint file
-    (``<run>/model.keras``), and above ``checkpoints/`` (``<run>/checkpoints/best-N/``,
-    ``<run>/checkpoints/x.keras``); never further up.
-    """
-    path = os.path.abspath(str(checkpoint)).rstrip(os.sep)
-    folder = path if os.path.isdir(path) else os.path.dirname(path)
-    candidates = [folder]
-    if re.match(r"^(ckpt|best)-\d+$", os.path.basename(folder)):
-        folder = os.path.dirname(folder)
-    if os.path.basename(folder) == "checkpoints":
-        candidates.append(os.path.dirname(folder))
-    for candidate in candidates:
-        found = os.path.join(candidate, "config.yaml")
-        if os.path.isfile(found):
-            return found
-    return None
-
-
-def config_for_checkpoint(cfg: Optional["Config"], checkpoint: str) -> "Config":
-    """`cfg` (defaults when None) with its `model` and `data` sections replaced by those of the
-    run `checkpoint` comes from, when that run saved a ``config.yaml``: the model is rebuilt
-    and its inputs preprocessed as in training. Other sections (export, eval) stay `cfg`'s.
-    """
-    import yaml
-
-    from mobilenet_embed.config import Config, config_from_dict
-
-    cfg = cfg if cfg is not None else Config()
-    found = run_config_path(checkpoint)
-    if found is None:
-        return cfg
-    try:
-        with open(found, encoding="utf-8") as fh:
-            run_cfg = config_from_dict(yaml.safe_load(fh) or {}, source=found)
-    except yaml.YAMLError as exc:
-        raise UserError(f"{found}: not valid YAML ({exc.__class__.__name__})") from None
-    return dataclasses.replace(cfg, model=run_cfg.model, data=run_cfg.data)
-
-
-def load_checkpoint_model(checkpoint: str, cfg: Optional["Config"] = None
-                          ) -> tuple["keras.Model", "Config"]:
-    """The Keras embedding model of a checkpoint (`resolve_checkpoint`) and the config to use
-    with it (`config_for_checkpoint`: a run's saved config wins for `model` and `data`).
-
-    ``.keras`` files are loaded whole (``compile=False``). Weights files and training
-    checkpoints are loaded into ``build_model_from_config(cfg.model, cfg.data.image_size)``,
-    the latter with `mobilenet_embed.checkpoints.load_weights`. The returned config's
-    ``data.image_size`` is the model's input size.
-    """
-    import keras
-
-    from mobilenet_embed import checkpoints
-    from mobilenet_embed.model import build_model_from_config
-
-    resolved = resolve_checkpoint(checkpoint)
-    cfg = config_for_checkpoint(cfg, resolved.path if resolved.which == "file" else checkpoint)
-    path = resolved.path
-    try:
-        if resolved.kind == "keras":
-            model = keras.models.load_model(path, compile=False)
-        else:
-            model = build_model_from_config(dataclasses.replace(cfg.model, backbone_weights=None),
-                                            cfg.data.image_size)
-            if resolved.kind == "weights":
-                model.load_weights(path)
-            else:
-                before = [w.numpy().copy() for w in model.weights]
-                checkpoints.load_weights(model, path)
-                if all(np.array_equal(b, w.numpy()) for b, w in zip(before, model.weights)):
-                    raise UserError(f"{path}: no weight of the model was found in this checkpoint "
-                                    "(does the config's model section match the run's?)")
-    except (OSError, ValueError, TypeError, KeyError) as exc:
-        raise UserError(f"{path}: cannot load checkpoint: {str(exc).splitlines()[0]}") from None
-    if len(model.outputs) != 1:
-        raise UserError(f"{path}: expected an embedding model with one output, received "
-                        f"{len(model.outputs)} outputs")
-    size = model.input_shape[1]
-    if isinstance(size, int) and size != cfg.data.image_size:
-        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, image_size=size))
-    return model, cfg
-
-
 def is_saved_model(path: str) -> bool:
     return os.path.isdir(path) and os.path.isfile(os.path.join(path, "saved_model.pb"))
 
@@ -485,6 +333,8 @@ def load_embedder(path: str, cfg: Optional["Config"] = None, num_threads: Option
         if recorded is not None and recorded["image_size"] == embedder.image_size:
             embedder.crop_fraction = recorded["crop_fraction"]
         return embedder
+    from mobilenet_embed.checkpoints import load_checkpoint_model, run_config_path
+
     model, used = load_checkpoint_model(path, cfg)
     embedder = KerasEmbedder(model, **kwargs)
     if run_config_path(path) is not None:

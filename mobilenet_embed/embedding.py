@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence, Union
 
 import numpy as np
 
+from mobilenet_embed.embedders import l2_normalize
 from mobilenet_embed.errors import UserError
 
 if TYPE_CHECKING:
@@ -31,11 +32,6 @@ ModelOrFn = Union["keras.Model", Callable[[Any], Any]]
 DISTANCES = ("squared-L2", "cosine", "L2")
 
 _INFERENCE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-
-
-def _l2_normalize(x: np.ndarray) -> np.ndarray:
-    norm = np.linalg.norm(x, axis=1, keepdims=True)
-    return x / np.maximum(norm, 1e-12)
 
 
 def _embed_fn(model_or_fn: ModelOrFn) -> Callable[[Any], np.ndarray]:
@@ -69,7 +65,7 @@ def embed_paths(model_or_fn: ModelOrFn, data_cfg: "DataConfig", paths: Sequence[
     `mobilenet_embed.embedders`), or any callable on preprocessed float32 ``[B, S, S, 3]``
     batches returning ``[B, D]``.
     """
-    from mobilenet_embed.data import images_dataset
+    from mobilenet_embed.data import flip_images, images_dataset
 
     import tensorflow as tf
 
@@ -86,7 +82,7 @@ def embed_paths(model_or_fn: ModelOrFn, data_cfg: "DataConfig", paths: Sequence[
             if flip:
                 # the mirror of a preprocessed image is the preprocessed mirror image (the central
                 # crop and the resize are symmetric): no second decode
-                out = _l2_normalize(out + run(tf.reverse(batch, axis=[2])))
+                out = l2_normalize(out + run(flip_images(batch)))
             chunks.append(out)
     except tf.errors.OpError:
         # an image that does not decode: the checked dataset names it (UserError)
@@ -110,7 +106,7 @@ def pair_distances(emb_by_path: dict, pairs: Iterable["Pair"], distance: str = "
     except KeyError as exc:
         raise UserError(f"no embedding for {exc.args[0]}") from None
     if distance == "cosine":
-        cos = np.sum(_l2_normalize(a) * _l2_normalize(b), axis=1)
+        cos = np.sum(l2_normalize(a) * l2_normalize(b), axis=1)
         return 1.0 - cos
     sq = np.sum(np.square(a - b), axis=1)
     return np.sqrt(sq) if distance == "L2" else sq

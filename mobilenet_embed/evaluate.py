@@ -10,14 +10,14 @@ computes the numbers exactly as FaceNet's `lfw.py`. Results go to `metrics.json`
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
-import tempfile
 import time
 from typing import Callable, Optional
 
+from mobilenet_embed import atomic
 from mobilenet_embed.config import Config
 from mobilenet_embed.errors import UserError
+from mobilenet_embed.records import jsonable
 
 
 @dataclasses.dataclass
@@ -51,22 +51,9 @@ class EvalResult:
         return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
 
-def _write_atomic(path: str, write: Callable[[str], None]) -> None:
-    """Write through a temporary file in the same folder, then rename: never half a file."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.splitext(path)[1], dir=folder)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def _default_out_dir(cfg: Config, checkpoint: Optional[str], model: Optional[str]) -> str:
     """The run directory of a checkpoint (else the config's run_dir), subfolder `eval`."""
-    from mobilenet_embed.embedders import run_config_path
+    from mobilenet_embed.checkpoints import run_config_path
 
     source = checkpoint or model
     found = run_config_path(source) if source else None
@@ -114,7 +101,6 @@ def evaluate(cfg: Config, checkpoint: Optional[str] = None, model: Optional[str]
     """
     from mobilenet_embed.embedders import load_embedder
     from mobilenet_embed.embedding import evaluate_pairs
-    from mobilenet_embed.metrics import to_jsonable
     from mobilenet_embed.pairs import write_pair_distances_csv
     from mobilenet_embed.plots import plot_roc_from_metrics
 
@@ -147,20 +133,16 @@ def evaluate(cfg: Config, checkpoint: Optional[str] = None, model: Optional[str]
 
     distances = metrics.pop("distances")
     metrics.pop("issame")
-    summary = to_jsonable(metrics)
+    summary = jsonable(metrics)
     summary.update({"model": str(source), "model_kind": embedder.kind, "pairs_file": str(pairs_file),
                     "image_root": str(root), "image_size": embedder.image_size, "crop_fraction": crop,
                     "flip": cfg.eval.flip, "n_images": n_images, "seconds": round(seconds, 2)})
     files = {name: os.path.join(out_dir, name) for name in ("metrics.json", "roc.png", "pair_distances.csv")}
 
-    def write_json(tmp: str) -> None:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            json.dump(summary, fh, indent=2)
-
-    _write_atomic(files["metrics.json"], write_json)
-    _write_atomic(files["roc.png"], lambda tmp: plot_roc_from_metrics(
+    atomic.write_json(files["metrics.json"], summary, indent=2)
+    atomic.atomic_write(files["roc.png"], lambda tmp: plot_roc_from_metrics(
         metrics, tmp, title=f"ROC: {os.path.basename(os.path.normpath(str(source)))} on {os.path.basename(pairs_file)}"))
-    _write_atomic(files["pair_distances.csv"], lambda tmp: write_pair_distances_csv(
+    atomic.atomic_write(files["pair_distances.csv"], lambda tmp: write_pair_distances_csv(
         tmp, pair_list, distances, metrics["threshold"]))
     return EvalResult(metrics=summary, out_dir=out_dir, files=files, model=str(source),
                       pairs_file=str(pairs_file), n_pairs=len(pair_list), n_images=n_images,

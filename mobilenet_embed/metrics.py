@@ -260,7 +260,7 @@ def verification_metrics(
     * ``tpr``, ``fpr``, ``thresholds``: the ROC, NumPy arrays over the accuracy grid;
     * ``distance``, ``n_folds``, ``n_pairs``, ``n_same``, ``n_diff``.
 
-    Scalars are Python floats/ints; `to_jsonable` turns the arrays into lists.
+    Scalars are Python floats/ints; `mobilenet_embed.records.jsonable` turns the arrays into lists.
     """
     from sklearn.metrics import auc as sk_auc
 
@@ -323,30 +323,3 @@ def verification_metrics(
         "fpr": fpr,
         "thresholds": grid,
     }
-
-
-def to_jsonable(metrics: dict) -> dict:
-    """A copy of `metrics` with NumPy arrays and scalars as Python lists and numbers (for json.dump)."""
-
-    def convert(value):
-        if isinstance(value, np.ndarray):
-            return value.tolist()
-        if isinstance(value, np.generic):
-            return value.item()
-        if isinstance(value, dict):
-            return {str(k): convert(v) for k, v in value.items()}
-        if isinstance(value, (list, tuple)):
-            return [convert(v) for v in value]
-        return value
-
-    return convert(metrics)
-
-
-def summary_line(metrics: dict) -> str:
-    """One line for the console, e.g. ``accuracy 0.9950 +- 0.0030  VAL 0.9800 +- 0.0100 @ FAR 0.00100 ...``."""
-    return (
-        f"accuracy {metrics['accuracy']:.4f} +- {metrics['accuracy_std']:.4f}  "
-        f"threshold {metrics['threshold']:.4f}  "
-        f"VAL {metrics['val']:.4f} +- {metrics['val_std']:.4f} @ FAR {metrics['far']:.5f}  "
-        f"AUC {metrics['auc']:.4f}  EER {metrics['eer']:.4f}"
-    )

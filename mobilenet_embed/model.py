@@ -90,11 +90,6 @@ def build_model_from_config(model_cfg: "ModelConfig", image_size: int) -> keras.
     return model
 
 
-def backbone(model: keras.Model) -> keras.Model:
-    """The part of an embedding model from images to the pooled features (before dropout)."""
-    return keras.Model(model.input, model.get_layer(BACKBONE_OUTPUT).output, name="backbone")
-
-
 def copy_keras_mobilenet_weights(source: keras.Model, model: keras.Model) -> int:
     """Copy every conv/BN weight of a `keras.applications.MobileNet` into `model`, by layer name.
 

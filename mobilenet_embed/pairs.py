@@ -25,14 +25,14 @@ import csv
 import os
 import re
 from dataclasses import dataclass
-from typing import Iterable, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 
+from mobilenet_embed import atomic
 from mobilenet_embed.errors import UserError
+from mobilenet_embed.image_files import IMAGE_EXTENSIONS, scan_folder
 
-#: image extensions looked for when `ext` is None, in this order
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".pgm", ".ppm", ".tif", ".tiff", ".webp")
 #: first line of the mbembed pairs format
 MBEMBED_HEADER = "# mbembed pairs v1"
 
@@ -290,27 +290,15 @@ def _raise_missing(pairs_file: str, missing: list[tuple[int, str]]) -> None:
 # --------------------------------------------------------------------------- drawing
 
 
-def identity_folders(root: str, extensions: Iterable[str] = IMAGE_EXTENSIONS) -> dict[str, list[str]]:
-    """``{identity: [image paths]}`` for the sub-folders of `root` (sorted; hidden entries and
-    folders without images skipped; extensions matched case-insensitively)."""
+def identity_folders(root: str) -> dict[str, list[str]]:
+    """``{identity: [image paths]}`` of an identity folder, as training sees it: the images of each
+    sub-folder of `root` and below (`mobilenet_embed.image_files.scan_folder`: sorted, hidden
+    entries and folders without images skipped, extensions matched case-insensitively)."""
     root = str(root)
     if not os.path.isdir(root):
         raise UserError(f"{root}: image folder not found")
-    exts = tuple(e.lower() for e in extensions)
-    result: dict[str, list[str]] = {}
-    for name in sorted(os.listdir(root)):
-        folder = os.path.join(root, name)
-        if name.startswith(".") or not os.path.isdir(folder):
-            continue
-        images = sorted(
-            os.path.join(folder, f)
-            for f in os.listdir(folder)
-            if not f.startswith(".") and os.path.splitext(f)[1].lower() in exts
-            and os.path.isfile(os.path.join(folder, f))
-        )
-        if images:
-            result[name] = images
-    return result
+    files, _, _ = scan_folder(root)
+    return files
 
 
 def make_pairs(
@@ -477,12 +465,7 @@ def write_pairs(pairs: Sequence[Pair], path: str, root: str, n_folds: int = 10) 
                 fields.append(shown)
             fields.append("1" if pair.issame else "0")
             lines.append("\t".join(fields))
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8", newline="\n") as fh:
-        fh.write("\n".join(lines) + "\n")
-    os.replace(tmp, path)
+    atomic.write_text(path, "\n".join(lines) + "\n", newline="\n")
     return kind
 
 

@@ -21,7 +21,10 @@ import math
 import os
 import sys
 import time
-from typing import IO, Any, Optional
+from typing import IO, Optional
+
+from mobilenet_embed.atomic import write_text
+from mobilenet_embed.records import jsonable
 
 TRAIN_KEYS = ("loss", "active_fraction", "mean_pos_dist", "mean_neg_dist", "embedding_spread",
               "learning_rate", "grad_norm", "images_per_second")
@@ -52,14 +55,6 @@ def plain_line(step: int, total: int, epoch: int, epochs: int, values: dict, eta
     return " ".join(parts)
 
 
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if hasattr(value, "item"):
-        return _jsonable(value.item())
-    return value
-
-
 def truncate_jsonl(path: str, last_step: int) -> None:
     """Drop the lines of `path` whose ``step`` is past `last_step` (after a resume)."""
     if not os.path.isfile(path):
@@ -73,10 +68,7 @@ def truncate_jsonl(path: str, last_step: int) -> None:
             except (ValueError, AttributeError):
                 continue  # a line cut short by a kill
             kept.append(line if line.endswith("\n") else line + "\n")
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.writelines(kept)
-    os.replace(tmp, path)
+    write_text(path, "".join(kept))
 
 
 class RunLog:
@@ -184,7 +176,7 @@ class RunLog:
     def _record(self, record: dict, tag: str, step: int, values: dict) -> None:
         """One metrics.jsonl line (`record` plus `values`) and the same scalars under `tag/` in
         TensorBoard."""
-        record.update({k: _jsonable(v) for k, v in values.items()})
+        record.update({k: jsonable(v) for k, v in values.items()})
         if self._jsonl is not None:
             self._jsonl.write(json.dumps(record) + "\n")
             self._jsonl.flush()

@@ -4,7 +4,7 @@
     >>> result = train(load_config("configs/quickstart.yaml"))        # doctest: +SKIP
     >>> result.steps, result.best_validation["accuracy"]              # doctest: +SKIP
 
-The loop (DESIGN.md: Keras 3 `fit` fails under MultiWorkerMirroredStrategy on TF 2.21):
+The loop (a custom one, since Keras 3 `fit` fails under MultiWorkerMirroredStrategy on TF 2.21):
 
 1. the strategy (`mobilenet_embed.distribute`), then the run directory: resume from its latest
    checkpoint, or start (``fresh`` starts over and needs ``force`` to overwrite a run);
@@ -37,10 +37,8 @@ replicas and workers hold the same ones.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
-import platform
 import shutil
 import signal
 import sys
@@ -49,10 +47,11 @@ import time
 from dataclasses import dataclass, field
 from typing import IO, Any, Callable, Optional
 
-import numpy as np
 
+from mobilenet_embed import atomic
 from mobilenet_embed.config import Config, config_from_dict, config_to_dict, dump_yaml
 from mobilenet_embed.errors import UserError
+from mobilenet_embed.records import jsonable, versions
 
 ARTEFACTS = ("config.yaml", "checkpoints", "tensorboard", "metrics.jsonl", "model.keras", "summary.json")
 
@@ -104,21 +103,7 @@ class TrainResult:
 
     def to_json(self) -> dict:
         data = {k: v for k, v in dataclasses.asdict(dataclasses.replace(self, model=None)).items() if k != "model"}
-        return _jsonable(data)
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return _jsonable(value.tolist())
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    return value
+        return jsonable(data)
 
 
 def _duration(seconds: float) -> str:
@@ -238,16 +223,6 @@ class TrainStep:
 # --------------------------------------------------------------------------- run directory
 
 
-def _versions() -> dict:
-    import keras
-    import tensorflow as tf
-
-    from mobilenet_embed import __version__
-
-    return {"versions": {"mbembed": __version__, "tensorflow": tf.__version__, "keras": keras.__version__,
-                         "numpy": np.__version__, "python": platform.python_version()}}
-
-
 def _flatten(data: dict, prefix: str = "") -> dict:
     out = {}
     for key, value in data.items():
@@ -293,9 +268,7 @@ def _prepare_run_dir(run_dir: str, fresh: bool, force: bool) -> None:
 
 
 def _save_model_atomic(model, path: str) -> None:
-    tmp = os.path.join(os.path.dirname(path), f".tmp-{os.getpid()}-{os.path.basename(path)}")
-    model.save(tmp)
-    os.replace(tmp, path)
+    atomic.atomic_write(path, model.save)
 
 
 # --------------------------------------------------------------------------- data
@@ -349,7 +322,7 @@ def _load_data(cfg: Config, log: Callable[[str], None]) -> _Data:
     from mobilenet_embed.data import build_index
 
     index, report = build_index(cfg.data, check=True)
-    lines = list(report.summary_lines()) if hasattr(report, "summary_lines") else []
+    lines = list(report.summary_lines())
     train_index, pairs, source = _validation_pairs(cfg, index, log)
     n_ids = len(train_index.identities)
     if n_ids < cfg.train.identities_per_batch:
@@ -414,9 +387,7 @@ def train(cfg: Config, run_dir: Optional[str] = None, fresh: bool = False, force
             changed = _compare_with_saved(cfg, config_path)
             if changed:
                 say("config changed since the last run on this directory: " + "; ".join(changed))
-        with open(config_path + ".tmp", "w", encoding="utf-8") as fh:
-            fh.write(dump_yaml(cfg, extra=_versions()))
-        os.replace(config_path + ".tmp", config_path)
+        atomic.write_text(config_path, dump_yaml(cfg, extra={"versions": versions()}))
     distribute.same_on_all_workers(strategy, 0, "start-up")  # barrier: the chief prepared the directory
 
     if chief and info.num_replicas > 1:
@@ -500,7 +471,7 @@ def train(cfg: Config, run_dir: Optional[str] = None, fresh: bool = False, force
                  stream=out)
 
     def current_state() -> dict:
-        return _jsonable({"best_accuracy": best_acc, "best_step": best_step, "best_metrics": best_metrics,
+        return jsonable({"best_accuracy": best_acc, "best_step": best_step, "best_metrics": best_metrics,
                           "last_validation": last_val, "collapse_warned": collapse_warned})
 
     def validate(step: int) -> Optional[dict]:
@@ -615,9 +586,6 @@ def train(cfg: Config, run_dir: Optional[str] = None, fresh: bool = False, force
             else:
                 manager.save(step, current_state())
                 say(f"{stop[0]}: stopped at step {step}; checkpoint written. Run the same command to resume.")
-    except KeyboardInterrupt:
-        log.close()
-        raise
     finally:
         log.close()
         for sig, handler in previous_handlers.items():
@@ -641,8 +609,5 @@ def train(cfg: Config, run_dir: Optional[str] = None, fresh: bool = False, force
                          final_validation=last_val, best_validation=best_metrics, best_step=best_step,
                          resumed_from=resumed_from, interrupted=interrupted, paths=paths, model=model)
     if chief:
-        tmp = os.path.join(run_dir, "summary.json.tmp")
-        with open(tmp, "w", encoding="utf-8") as fh:
-            json.dump(result.to_json(), fh, indent=1)
-        os.replace(tmp, os.path.join(run_dir, "summary.json"))
+        atomic.write_json(os.path.join(run_dir, "summary.json"), result.to_json(), indent=1)
     return result

@@ -68,7 +68,7 @@ def _worker(args) -> None:
     tf.config.threading.set_intra_op_parallelism_threads(args.threads)
     tf.config.threading.set_inter_op_parallelism_threads(1)
     from mobilenet_embed.embedders import load_embedder
-    from mobilenet_embed.export import measure_latency
+    from mobilenet_embed.export_report import measure_latency
 
     embedder = load_embedder(args.worker)
     image = np.random.default_rng(1).uniform(-1, 1, (1, embedder.image_size, embedder.image_size, 3))
@@ -123,8 +123,8 @@ def main(argv: list[str] | None = None) -> dict:
         return {}
 
     from mobilenet_embed.embedders import KerasEmbedder, TFLiteEmbedder
-    from mobilenet_embed.export import (FILENAMES, TFLITE_KINDS, cosine_similarities, export_saved_model,
-                                        export_tflite, measure_latency)
+    from mobilenet_embed.export_formats import FILENAMES, TFLITE_KINDS, export_saved_model, export_tflite
+    from mobilenet_embed.export_report import cosine_similarities, measure_latency
     from mobilenet_embed.model import build_embedding_model
 
     formats = [f.strip() for f in args.formats.split(",") if f.strip()]

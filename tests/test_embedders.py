@@ -11,7 +11,7 @@ keras = pytest.importorskip("keras")
 from mobilenet_embed.embedders import (Embedder, KerasEmbedder, SavedModelEmbedder,  # noqa: E402
                                        TFLiteEmbedder, load_embedder)
 from mobilenet_embed.errors import UserError  # noqa: E402
-from mobilenet_embed.export import export_saved_model, export_tflite  # noqa: E402
+from mobilenet_embed.export_formats import export_saved_model, export_tflite  # noqa: E402
 from mobilenet_embed.model import build_embedding_model
 from modelutil import he_initialise  # noqa: E402
 

@@ -86,7 +86,7 @@ def test_flip_averages_the_mirror_embedding(faces, keras_model, tmp_path):
 
 
 def test_tflite_export_evaluates_through_the_same_path(faces, keras_model, tmp_path):
-    from mobilenet_embed.export import export_saved_model, export_tflite
+    from mobilenet_embed.export_formats import export_saved_model, export_tflite
     import keras
     model = keras.models.load_model(keras_model)
     saved = str(tmp_path / "saved_model")

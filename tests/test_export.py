@@ -21,12 +21,17 @@ keras = pytest.importorskip("keras")
 from click.testing import CliRunner  # noqa: E402
 
 from mobilenet_embed import export as export_mod  # noqa: E402
+from mobilenet_embed import export_embeddings as embeddings_mod  # noqa: E402
+from mobilenet_embed import export_formats, export_report  # noqa: E402
 from mobilenet_embed.cli import main  # noqa: E402
 from mobilenet_embed.config import load_config  # noqa: E402
 from mobilenet_embed.embedders import SavedModelEmbedder, load_embedder  # noqa: E402
 from mobilenet_embed.errors import UserError  # noqa: E402
-from mobilenet_embed.export import (FILENAMES, REPORT_NAME, export_embeddings, export_model,  # noqa: E402
-                                   export_saved_model, export_tflite)
+from mobilenet_embed.data import preprocess_images  # noqa: E402
+from mobilenet_embed.export import export_model  # noqa: E402
+from mobilenet_embed.export_embeddings import export_embeddings  # noqa: E402
+from mobilenet_embed.export_formats import FILENAMES, export_saved_model, export_tflite  # noqa: E402
+from mobilenet_embed.export_report import REPORT_NAME  # noqa: E402
 from mobilenet_embed.model import build_embedding_model
 from modelutil import he_initialise  # noqa: E402
 
@@ -81,7 +86,7 @@ def test_every_format_meets_its_parity_target(exported):
     for row in report.formats:
         assert row.kept and row.path == str(out / FILENAMES[row.format])
         assert os.path.exists(row.path) and row.size_bytes > 0
-        statistic, value = export_mod.TARGETS[row.format]
+        statistic, value = export_report.TARGETS[row.format]
         assert (row.cosine_min if statistic == "min" else row.cosine_mean) >= value
         assert row.cosine_min <= row.cosine_mean <= 1.0 + 1e-6
     rows = {r.format: r for r in report.formats}
@@ -100,8 +105,6 @@ def test_every_format_meets_its_parity_target(exported):
 
 
 def test_raw_uint8_signature_equals_preprocess_plus_model(exported, checkpoint):
-    from mobilenet_embed.export import _preprocess_images
-
     out, _ = exported
     model = keras.models.load_model(checkpoint, compile=False)
     loaded = tf.saved_model.load(str(out / "saved_model"))
@@ -110,7 +113,7 @@ def test_raw_uint8_signature_equals_preprocess_plus_model(exported, checkpoint):
     rng = np.random.default_rng(3)
     for h, w in ((45, 61), (32, 32), (100, 20)):
         images = rng.integers(0, 256, (3, h, w, 3), dtype=np.uint8)
-        expected = model(_preprocess_images()(images, SIZE, 1.0), training=False).numpy()
+        expected = model(preprocess_images(images, SIZE, 1.0), training=False).numpy()
         got = raw(images=tf.constant(images))["embeddings"].numpy()
         np.testing.assert_allclose(got, expected, atol=2e-5)
         np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
@@ -120,12 +123,10 @@ def test_raw_uint8_signature_equals_preprocess_plus_model(exported, checkpoint):
 
 
 def test_raw_signature_applies_the_configured_crop(tmp_path):
-    from mobilenet_embed.export import _preprocess_images
-
     model = tiny_model()
     path = export_saved_model(model, str(tmp_path / "sm"), SIZE, crop_fraction=0.5)
     images = np.random.default_rng(0).integers(0, 256, (2, 80, 64, 3), dtype=np.uint8)
-    expected = model(_preprocess_images()(images, SIZE, 0.5), training=False).numpy()
+    expected = model(preprocess_images(images, SIZE, 0.5), training=False).numpy()
     np.testing.assert_allclose(SavedModelEmbedder(path).embed_raw(images), expected, atol=2e-5)
 
 
@@ -144,7 +145,7 @@ def test_flex_op_is_refused_with_its_name(tmp_path):
     with pytest.raises(UserError, match=r"MatrixDeterminant.*Flex"):
         export_tflite(saved, str(tmp_path / "m.tflite"), "float32")
     assert not os.path.exists(tmp_path / "m.tflite")
-    assert export_mod.flex_ops_in("TF Select ops: MatrixDeterminant, StringSplit\nDetails:") == [
+    assert export_formats.flex_ops_in("TF Select ops: MatrixDeterminant, StringSplit\nDetails:") == [
         "MatrixDeterminant", "StringSplit"]
 
 
@@ -184,7 +185,7 @@ def test_crash_leaves_no_half_written_model(tmp_path, cfg, checkpoint, monkeypat
 
 
 def test_degraded_format_is_left_out_unless_allowed(tmp_path, cfg, checkpoint, monkeypatch):
-    monkeypatch.setitem(export_mod.TARGETS, "tflite_float16", ("min", 1.01))
+    monkeypatch.setitem(export_report.TARGETS, "tflite_float16", ("min", 1.01))
     out = tmp_path / "out"
     report = export_model(cfg, checkpoint, str(out), formats=["tflite_float32", "tflite_float16"],
                           latency_runs=1)
@@ -276,7 +277,7 @@ def test_run_directory_config_and_checkpoint_are_used(tmp_path, checkpoint):
 
     from mobilenet_embed.checkpoints import CheckpointManager
     from mobilenet_embed.config import config_to_dict
-    from mobilenet_embed.embedders import load_checkpoint_model, resolve_checkpoint
+    from mobilenet_embed.checkpoints import load_checkpoint_model, resolve_checkpoint
 
     run = tmp_path / "run"
     run_cfg = load_config(None, OVERRIDES + ["data.crop_fraction=0.8"])
@@ -323,7 +324,7 @@ def test_embeddings_export_resumes_without_duplicates(tmp_path, checkpoint, monk
     assert full.shape == (48, 16) and full.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(full, axis=1), 1.0, atol=1e-5)
 
-    real_write = export_mod._write_chunk
+    real_write = embeddings_mod._write_chunk
     calls = []
 
     def write_then_die(path, embeddings):
@@ -332,16 +333,16 @@ def test_embeddings_export_resumes_without_duplicates(tmp_path, checkpoint, monk
         if len(calls) == 2:
             raise KeyboardInterrupt  # killed after the second chunk
 
-    monkeypatch.setattr(export_mod, "_write_chunk", write_then_die)
+    monkeypatch.setattr(embeddings_mod, "_write_chunk", write_then_die)
     result = _run_embeddings(tmp_path, "resumed", checkpoint)
     assert result.exit_code != 0
     chunks = sorted(os.listdir(tmp_path / "resumed" / ".chunks"))
     assert chunks == ["chunk-00000.npy", "chunk-00001.npy", "manifest.json"]
     assert not (tmp_path / "resumed" / "embeddings.npy").exists()
 
-    monkeypatch.setattr(export_mod, "_write_chunk", real_write)
+    monkeypatch.setattr(embeddings_mod, "_write_chunk", real_write)
     written = []
-    monkeypatch.setattr(export_mod, "_write_chunk", lambda p, e: (written.append(p), real_write(p, e)))
+    monkeypatch.setattr(embeddings_mod, "_write_chunk", lambda p, e: (written.append(p), real_write(p, e)))
     result = _run_embeddings(tmp_path, "resumed", checkpoint)
     assert result.exit_code == 0, result.output
     assert "2 of 5 chunks reused" in result.output
@@ -391,7 +392,7 @@ def test_embeddings_of_a_folder_and_of_an_exported_tflite(tmp_path, exported, cf
     assert [r["identity"] for r in rows] == ["alice", "alice", "bob"]
     emb = np.load(tmp_path / "emb" / "embeddings.npy")
     reference = load_embedder(str(out / "saved_model"))
-    from mobilenet_embed.export import load_images
+    from mobilenet_embed.export_report import load_images
 
     images = load_images(cfg.data, [r["path"] for r in rows])
     np.testing.assert_allclose(emb, reference.embed(images), atol=1e-4)

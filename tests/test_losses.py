@@ -408,4 +408,9 @@ def test_loss_from_config():
 
 
 def test_public_import():
-    from mobilenet_embed.losses import triplet_hard_loss as hard, triplet_semihard_loss as semihard  # noqa: F401
+    import mobilenet_embed.losses as losses_module
+    from mobilenet_embed.losses import triplet_hard_loss as hard, triplet_semihard_loss as semihard
+
+    assert hard is losses_module.triplet_hard_loss is triplet_hard_loss
+    assert semihard is losses_module.triplet_semihard_loss is triplet_semihard_loss
+    assert callable(hard) and callable(semihard)

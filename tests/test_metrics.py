@@ -13,13 +13,13 @@ from sklearn import metrics as skm
 from sklearn.model_selection import KFold
 
 from mobilenet_embed.errors import UserError
+from mobilenet_embed.records import jsonable
 from mobilenet_embed.metrics import (
     best_threshold_accuracy,
     equal_error_rate,
     fold_indices,
     threshold_at_far,
     threshold_grid,
-    to_jsonable,
     val_threshold_grid,
     verification_metrics,
 )
@@ -308,7 +308,7 @@ def test_eer_equals_interp1d_version_on_a_staircase():
 # --------------------------------------------------------------------------- output helpers
 
 
-def test_to_jsonable_and_keys():
+def test_jsonable_and_keys():
     d, s = blocks(4, np.array([0.5, 0.6]), np.array([1.5, 0.55]))
     m = verification_metrics(d, s, n_folds=4, distance="cosine")
     for key in ("accuracy", "accuracy_std", "threshold", "val", "val_std", "far", "auc", "eer"):
@@ -316,7 +316,7 @@ def test_to_jsonable_and_keys():
     assert len(m["fold_accuracies"]) == 4 and len(m["fold_thresholds"]) == 4
     assert isinstance(m["tpr"], np.ndarray) and len(m["tpr"]) == len(m["fpr"]) == len(m["thresholds"]) == 400
     assert m["thresholds"][-1] < 2.0 and m["distance"] == "cosine"
-    text = json.dumps(to_jsonable(m))
+    text = json.dumps(jsonable(m), allow_nan=False)
     back = json.loads(text)
     assert back["tpr"] == m["tpr"].tolist() and back["accuracy"] == m["accuracy"]
 

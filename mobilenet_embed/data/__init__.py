@@ -9,7 +9,7 @@ Public API (see each module for details):
   augmentation.
 - `pk_batches(cfg, index=None, start_step=0, num_replicas=1, worker_index=0, num_workers=1,
   counters=None)`: endless P x K training batches; `DataCounters`.
-- `images_dataset(data_cfg, paths, batch_size, flip=False)`: preprocessed batches in order.
+- `images_dataset(data_cfg, paths, batch_size, check=True)`: preprocessed batches in order.
 - `prepare_tfrecords(...)`: writes TFRecord shards and manifest (`mbembed prepare`).
 """
 
@@ -19,7 +19,8 @@ from mobilenet_embed.data.index import (DataReport, ImageIndex, build_index, ins
 from mobilenet_embed.data.pipeline import DataCounters, images_dataset, pk_batches, train_val_indexes
 from mobilenet_embed.data.preprocess import augment_images, central_crop_box, flip_images, preprocess_images
 from mobilenet_embed.data.synthetic import SyntheticTables
-from mobilenet_embed.data.tfrecord import load_manifest, prepare_tfrecords
+from mobilenet_embed.data.tfrecord import load_manifest
+from mobilenet_embed.data.tfrecord_write import prepare_tfrecords
 
 __all__ = [
     "IMAGE_EXTENSIONS", "check_files", "decode_image_bytes", "pillow_decode_file",

@@ -32,9 +32,8 @@ from typing import Iterable, Optional
 import numpy as np
 import tensorflow as tf
 
-TF_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
-PILLOW_EXTENSIONS = (".pgm", ".ppm", ".pbm", ".pnm", ".tif", ".tiff")
-IMAGE_EXTENSIONS = TF_EXTENSIONS + PILLOW_EXTENSIONS
+from mobilenet_embed.image_files import IMAGE_EXTENSIONS, PILLOW_EXTENSIONS, TF_EXTENSIONS  # noqa: F401
+
 
 ROUTE_TF, ROUTE_PILLOW, ROUTE_BAD = "tf", "pillow", "bad"
 CACHE_VERSION = 1
@@ -82,16 +81,6 @@ def pillow_decode_tf(path: tf.Tensor) -> tf.Tensor:
 def route_by_extension(path: str) -> str:
     """Decoder to use for a file that was not checked: TF for TF_EXTENSIONS, else Pillow."""
     return ROUTE_TF if os.path.splitext(path)[1].lower() in TF_EXTENSIONS else ROUTE_PILLOW
-
-
-def clean_tf_message(exc: BaseException) -> str:
-    """First line of a TF error without the ``{{function_node ...}}`` prefix."""
-    text = str(getattr(exc, "message", None) or exc).strip().splitlines()
-    line = text[0] if text else exc.__class__.__name__
-    if line.startswith("{{function_node"):
-        line = line.split("}}", 1)[-1].strip()
-    line = line.split("[[")[0].strip()
-    return line[:160]
 
 
 # --------------------------------------------------------------------------- the check

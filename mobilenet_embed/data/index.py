@@ -5,7 +5,7 @@
 the two, so the list of bad files is shown even when there are too many of them.
 
 Folder layout: ``ROOT/<identity>/.../<file>``: every file with an image extension
-(`decode.IMAGE_EXTENSIONS`, any case) anywhere below an identity folder is an image of that
+(`mobilenet_embed.image_files.IMAGE_EXTENSIONS`, any case) anywhere below an identity folder is an image of that
 identity; hidden files and folders (``.name``) are skipped; other files, and files directly in
 ROOT, are counted as ignored. Identities are sorted by name; label i is ``identities[i]``.
 """
@@ -18,9 +18,11 @@ from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 import numpy as np
+import tensorflow as tf
 
-from mobilenet_embed.data import decode, synthetic
+from mobilenet_embed.data import decode, synthetic, tfrecord
 from mobilenet_embed.errors import UserError
+from mobilenet_embed.image_files import scan_folder
 
 
 @dataclass
@@ -219,47 +221,6 @@ def _parse_people(lines: list[str]) -> Optional[list[list[str]]]:
 # --------------------------------------------------------------------------- sources
 
 
-def scan_folder(root: str):
-    """(identity -> [paths], {path: (size, mtime_ns)}, ignored file count) of an identity folder."""
-    files: dict[str, list[str]] = {}
-    stats: dict[str, tuple[int, int]] = {}
-    ignored = 0
-    with os.scandir(root) as it:
-        entries = sorted(it, key=lambda e: e.name)
-    for entry in entries:
-        if entry.name.startswith("."):
-            continue
-        if not entry.is_dir():
-            ignored += 1
-            continue
-        found: list[str] = []
-        stack = [entry.path]
-        while stack:
-            folder = stack.pop()
-            try:
-                with os.scandir(folder) as it:
-                    children = list(it)
-            except OSError:
-                continue
-            for child in children:
-                if child.name.startswith("."):
-                    continue
-                if child.is_dir():
-                    stack.append(child.path)
-                elif os.path.splitext(child.name)[1].lower() in decode.IMAGE_EXTENSIONS:
-                    found.append(child.path)
-                    try:
-                        st = child.stat()
-                        stats[child.path] = (int(st.st_size), int(st.st_mtime_ns))
-                    except OSError:
-                        pass
-                else:
-                    ignored += 1
-        if found:
-            files[entry.name] = sorted(found)
-    return files, stats, ignored
-
-
 def _folder_index(data_cfg, check: bool, report: DataReport) -> ImageIndex:
     root = data_cfg.path
     if not root:
@@ -308,14 +269,47 @@ def _synthetic_index(data_cfg, report: DataReport) -> ImageIndex:
                       np.zeros(n_ids * n_img, bool))
 
 
+def _tfrecord_index(data_cfg, check: bool, report: DataReport) -> ImageIndex:
+    """ImageIndex of the selected shards (keys ``tfrecord:<shard>:<record>``) from the manifest."""
+    man = tfrecord.load_manifest(data_cfg.path)
+    report.root = f"{data_cfg.path} ({len(man.selected)} of {len(man.shards)} shards, {man.path})"
+    if check:
+        missing = [f for i in man.selected for f in (man.files[i], man.files[i] + tfrecord.INDEX_SUFFIX)
+                   if not tf.io.gfile.exists(f)]
+        if missing:
+            raise UserError(f"data.path: shard file not found: {missing[0]}"
+                            + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    keys: list[str] = []
+    labels: list[int] = []
+    for s in man.selected:
+        r = 0
+        for label, count in man.shards[s]["runs"]:
+            keys.extend(f"{tfrecord.KEY_PREFIX}{s}:{j}" for j in range(r, r + count))
+            labels.extend([label] * count)
+            r += count
+    labels_arr = np.asarray(labels, np.int64)
+    present = np.unique(labels_arr)
+    remap = np.full(len(man.identities), -1, np.int64)
+    remap[present] = np.arange(len(present))
+    order = np.argsort(labels_arr, kind="stable")
+    index = ImageIndex([keys[i] for i in order.tolist()], remap[labels_arr[order]].astype(np.int32),
+                       [man.identities[i] for i in present.tolist()], np.zeros(len(keys), bool))
+    report.identities = len(present)
+    report.images = len(keys)
+    report.checked = True
+    report.image_sizes = dict(man.data.get("image_sizes", {})) if len(man.selected) == len(man.shards) else {}
+    skipped = man.data.get("bad_files", [])
+    report.notes.append(f"images were decoded by `mbembed prepare` when it wrote the shards"
+                        + (f"; it skipped {len(skipped)} unreadable files (listed in {man.path})" if skipped else ""))
+    return index
+
+
 def inspect_data(data_cfg, check: bool = True) -> tuple[ImageIndex, DataReport]:
     """Index of the configured source with identity filters applied, and its report.
 
     Raises UserError only for a missing/empty data path or a bad identities file; the
     thresholds (bad fraction, usable identities) are `validate_report`'s job.
     """
-    from mobilenet_embed.data import tfrecord
-
     report = DataReport(source=data_cfg.source, root=str(data_cfg.path),
                         min_images_per_identity=data_cfg.min_images_per_identity,
                         max_bad_fraction=data_cfg.max_bad_fraction)
@@ -324,7 +318,7 @@ def inspect_data(data_cfg, check: bool = True) -> tuple[ImageIndex, DataReport]:
     elif data_cfg.source == "synthetic":
         index = _synthetic_index(data_cfg, report)
     elif data_cfg.source == "tfrecord":
-        index = tfrecord.tfrecord_index(data_cfg, check, report)
+        index = _tfrecord_index(data_cfg, check, report)
     else:  # pragma: no cover - the config validates choices
         raise UserError(f"data.source: unknown source {data_cfg.source!r}")
 

@@ -35,7 +35,7 @@ import tensorflow as tf
 
 from mobilenet_embed.data import decode, sampler, synthetic, tfrecord
 from mobilenet_embed.data.index import ImageIndex, build_index, split_identities
-from mobilenet_embed.data.preprocess import (color_jitter, crop_resize_decoded, crop_resize_encoded, flip_images,
+from mobilenet_embed.data.preprocess import (color_jitter, crop_resize_decoded, crop_resize_encoded,
                                              preprocess_images)
 from mobilenet_embed.errors import UserError
 
@@ -260,14 +260,11 @@ def pk_batches(cfg, index: Optional[ImageIndex] = None, start_step: int = 0, num
     return _batches(plans, load, _batch_finish(data_cfg, augment), p * k, start_step, counters)
 
 
-def images_dataset(data_cfg, paths: list, batch_size: int, flip: bool = False,
-                   check: bool = True) -> tf.data.Dataset:
+def images_dataset(data_cfg, paths: list, batch_size: int, check: bool = True) -> tf.data.Dataset:
     """Preprocessed float32 batches ``[B, S, S, 3]`` of `paths`, in order, no augmentation.
 
     `paths`: files, ``synthetic:...`` keys (rendered deterministically) or ``tfrecord:...`` keys
-    (read from the shards of `data_cfg.path`). With ``flip=True`` the batches hold the mirrored
-    images instead (same order), so callers average ``embed(images_dataset(..))`` with
-    ``embed(images_dataset(.., flip=True))``. Files are decode-checked first (cached, see
+    (read from the shards of `data_cfg.path`). Files are decode-checked first (cached, see
     `decode.check_files`, unless ``check=False``): an unreadable file is a UserError naming it.
     """
     paths = [str(p) for p in paths]
@@ -276,10 +273,7 @@ def images_dataset(data_cfg, paths: list, batch_size: int, flip: bool = False,
         raise UserError(f"batch_size: expected an integer >= 1, received {batch_size}")
 
     def finish(ds):
-        ds = ds.batch(batch_size)
-        if flip:
-            ds = ds.map(flip_images)
-        return _options(ds.prefetch(tf.data.AUTOTUNE))
+        return _options(ds.batch(batch_size).prefetch(tf.data.AUTOTUNE))
 
     if paths and all(synthetic.is_synthetic_key(p) for p in paths):
         tables = synthetic.SyntheticTables.from_config(data_cfg)

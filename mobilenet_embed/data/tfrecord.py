@@ -1,4 +1,4 @@
-"""TFRecord shards: `mbembed prepare` writes them, the `tfrecord` source reads them.
+"""TFRecord shards: their layout and the `tfrecord` source that reads them (`tfrecord_write` writes them).
 
 Layout. ``PREFIX-00000-of-000NN.tfrecord`` shards of one `tf.train.Example` per image
 (``image``: the encoded bytes, ``label``: int64, ``identity``: the name, ``path``: the file's
@@ -9,15 +9,6 @@ little-endian ``[records, 2]``, the byte offset and length of each record's imag
 the shard file. Every identity lives whole in one shard, its
 images contiguous; identities are dealt to shards largest first onto the least-filled shard
 (seeded order), so shards hold about the same number of images.
-
-`prepare` decodes every image first (the same check as `mbembed data check`); unreadable files
-are skipped, counted and listed in the manifest. Identities with fewer than
-`data.min_images_per_identity` readable images (default 2: no triplet without a positive) are
-not written (``--set data.min_images_per_identity=1`` keeps them); identity lists
-(`data.identities_file`, ...) are not applied here but when training reads the shards. Bytes
-TensorFlow decodes (JPEG, PNG, BMP, GIF, WebP) are stored as they are; other formats (PGM, TIFF, ...) are re-encoded as PNG, so
-reading shards never needs Pillow. Shards and manifest are written under temporary names and
-renamed when complete; existing outputs are only replaced with ``force``.
 
 Reading for training (`tfrecord_pk_plans`), designed for exact P x K batches, throughput and
 resumption from a step without reading what came before:
@@ -38,20 +29,15 @@ resumption from a step without reading what came before:
 
 from __future__ import annotations
 
-import concurrent.futures
-import heapq
-import io
 import json
 import math
 import os
 import re
-import time
 from typing import Optional
 
 import numpy as np
 import tensorflow as tf
 
-from mobilenet_embed.data import decode
 from mobilenet_embed.errors import UserError
 
 MANIFEST_SUFFIX = ".manifest.json"
@@ -147,43 +133,6 @@ def load_manifest(path: Optional[str]) -> Manifest:
         raise UserError(f"data.path: no TFRecord data at {path} (expected a shard glob such as "
                         f"PREFIX-*.tfrecord, or PREFIX with {os.path.basename(path)}{MANIFEST_SUFFIX})")
     return Manifest(path + MANIFEST_SUFFIX, _read_json(path + MANIFEST_SUFFIX))
-
-
-def tfrecord_index(data_cfg, check: bool, report) -> "ImageIndex":  # noqa: F821
-    """ImageIndex of the selected shards (keys ``tfrecord:<shard>:<record>``) from the manifest."""
-    from mobilenet_embed.data.index import ImageIndex
-
-    man = load_manifest(data_cfg.path)
-    report.root = f"{data_cfg.path} ({len(man.selected)} of {len(man.shards)} shards, {man.path})"
-    if check:
-        missing = [f for i in man.selected for f in (man.files[i], man.files[i] + INDEX_SUFFIX)
-                   if not tf.io.gfile.exists(f)]
-        if missing:
-            raise UserError(f"data.path: shard file not found: {missing[0]}"
-                            + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
-    keys: list[str] = []
-    labels: list[int] = []
-    for s in man.selected:
-        r = 0
-        for label, count in man.shards[s]["runs"]:
-            keys.extend(f"{KEY_PREFIX}{s}:{j}" for j in range(r, r + count))
-            labels.extend([label] * count)
-            r += count
-    labels_arr = np.asarray(labels, np.int64)
-    present = np.unique(labels_arr)
-    remap = np.full(len(man.identities), -1, np.int64)
-    remap[present] = np.arange(len(present))
-    order = np.argsort(labels_arr, kind="stable")
-    index = ImageIndex([keys[i] for i in order.tolist()], remap[labels_arr[order]].astype(np.int32),
-                       [man.identities[i] for i in present.tolist()], np.zeros(len(keys), bool))
-    report.identities = len(present)
-    report.images = len(keys)
-    report.checked = True
-    report.image_sizes = dict(man.data.get("image_sizes", {})) if len(man.selected) == len(man.shards) else {}
-    skipped = man.data.get("bad_files", [])
-    report.notes.append(f"images were decoded by `mbembed prepare` when it wrote the shards"
-                        + (f"; it skipped {len(skipped)} unreadable files (listed in {man.path})" if skipped else ""))
-    return index
 
 
 def parse_key(key: str) -> tuple[int, int]:
@@ -323,152 +272,3 @@ def tfrecord_pk_plans(man: Manifest, plan: RoundPlan, p: int, k: int, seed: int,
 
     rounds_ds = tf.data.Dataset.range(first_round, np.iinfo(np.int64).max).map(load_round).prefetch(1)
     return rounds_ds.flat_map(batches_of)
-
-
-# --------------------------------------------------------------------------- prepare
-
-
-def _encoded_bytes(path: str, pillow: bool) -> bytes:
-    if not pillow:
-        with open(path, "rb") as fh:
-            return fh.read()
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(decode.pillow_decode_file(path)).save(buf, "PNG")
-    return buf.getvalue()
-
-
-def _example(image: bytes, label: int, identity: str, relpath: str) -> bytes:
-    feature = {
-        "image": tf.train.Feature(bytes_list=tf.train.BytesList(value=[image])),
-        "label": tf.train.Feature(int64_list=tf.train.Int64List(value=[label])),
-        "identity": tf.train.Feature(bytes_list=tf.train.BytesList(value=[identity.encode("utf-8")])),
-        "path": tf.train.Feature(bytes_list=tf.train.BytesList(value=[relpath.encode("utf-8")])),
-    }
-    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
-
-
-def assign_shards(counts: np.ndarray, n_shards: int, seed: int) -> list[list[int]]:
-    """Identities (labels) per shard: largest first onto the least-filled shard; each shard's
-    identities then in a seeded random order."""
-    rng = np.random.default_rng([int(seed), 0x5A2D])
-    shuffled = rng.permutation(len(counts))
-    order = sorted(shuffled.tolist(), key=lambda i: -int(counts[i]))
-    heap = [(0, s) for s in range(n_shards)]
-    shards: list[list[int]] = [[] for _ in range(n_shards)]
-    for i in order:
-        filled, s = heapq.heappop(heap)
-        shards[s].append(i)
-        heapq.heappush(heap, (filled + int(counts[i]), s))
-    rank = {int(i): r for r, i in enumerate(shuffled.tolist())}
-    return [sorted(ids, key=lambda i: rank[i]) for ids in shards]
-
-
-def prepare_tfrecords(data_cfg, data_dir: str, out_prefix: str, shards: int, force: bool = False, seed: int = 0,
-                      progress: bool = True, log=print) -> dict:
-    """Write the shards and manifest for the identity folder `data_dir` (see the module doc).
-
-    Returns a summary: images, identities, shards, bad files skipped, bytes, seconds, files.
-    """
-    import dataclasses
-
-    from tqdm import tqdm
-
-    from mobilenet_embed.data.index import inspect_data
-
-    if shards < 1:
-        raise UserError(f"--shards: expected an integer >= 1, received {shards}")
-    t0 = time.perf_counter()
-    out_prefix = str(out_prefix)
-    if out_prefix.endswith(MANIFEST_SUFFIX):
-        out_prefix = out_prefix[: -len(MANIFEST_SUFFIX)]
-    names = [shard_name(out_prefix, i, shards) for i in range(shards)]
-    manifest_path = out_prefix + MANIFEST_SUFFIX
-    existing = [p for p in names + [manifest_path] if tf.io.gfile.exists(p)]
-    stale = [p for p in tf.io.gfile.glob(f"{out_prefix}-*-of-*.tfrecord") if _SHARD_RE.match(p) and p not in names]
-    if (existing or stale) and not force:
-        first = (existing or stale)[0]
-        raise UserError(f"--out {out_prefix}: {first} exists (and {len(existing) + len(stale) - 1} more "
-                        f"outputs); pass --force to overwrite")
-
-    folder_cfg = dataclasses.replace(data_cfg, source="folder", path=str(data_dir), identities_file=None,
-                                     exclude_identities_file=None, identities_folds=None)
-    index, report = inspect_data(folder_cfg, check=True)
-    for line in report.summary_lines(max_bad=20):
-        log(line)
-    if index.num_images == 0:
-        raise UserError(f"--data {data_dir}: no readable images")
-    counts = index.counts()
-    per_shard = assign_shards(counts, shards, seed)
-    offsets = np.concatenate([[0], np.cumsum(counts)])
-    pillow = index.pillow_flags()
-    parent = os.path.dirname(out_prefix)
-    if parent:
-        tf.io.gfile.makedirs(parent)
-    root = os.path.abspath(str(data_dir))
-    shard_info = []
-    total_bytes = 0
-    reencoded = int(pillow.sum())
-    bar = tqdm(total=index.num_images, unit="img", desc="prepare", disable=not progress, dynamic_ncols=True)
-    workers = max(2, min(8, 2 * (os.cpu_count() or 1)))
-    written: list[str] = []
-    try:
-        with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-            for s, ids in enumerate(per_shard):
-                rows = [r for i in ids for r in range(int(offsets[i]), int(offsets[i + 1]))]
-                tmp = f"{names[s]}.tmp-{os.getpid()}"
-                tmp_index = f"{names[s]}{INDEX_SUFFIX}.tmp-{os.getpid()}"
-                written += [tmp, tmp_index]
-                n_bytes, at, where = 0, 0, []
-                with tf.io.TFRecordWriter(tmp) as writer:
-                    blobs = pool.map(lambda r: _encoded_bytes(index.paths[r], bool(pillow[r])), rows)
-                    for r, blob in zip(rows, blobs):
-                        label = int(index.labels[r])
-                        record = _example(blob, label, index.identities[label], os.path.relpath(index.paths[r], root))
-                        writer.write(record)
-                        # a record is: length (8 bytes), its CRC (4), the data, the data's CRC (4)
-                        where.append((at + 12 + record.find(blob), len(blob)))
-                        at += 16 + len(record)
-                        n_bytes += len(blob)
-                        bar.update(1)
-                with tf.io.gfile.GFile(tmp_index, "wb") as fh:
-                    fh.write(np.asarray(where, dtype="<i8").reshape(-1, 2).tobytes())
-                total_bytes += n_bytes
-                shard_info.append({"file": os.path.basename(names[s]), "images": len(rows),
-                                   "index": os.path.basename(names[s]) + INDEX_SUFFIX,
-                                   "runs": [[int(i), int(counts[i])] for i in ids]})
-    except BaseException:
-        for tmp in written:
-            if tf.io.gfile.exists(tmp):
-                tf.io.gfile.remove(tmp)
-        raise
-    finally:
-        bar.close()
-    for s, final in enumerate(names):
-        tf.io.gfile.rename(written[2 * s], final, overwrite=True)
-        tf.io.gfile.rename(written[2 * s + 1], final + INDEX_SUFFIX, overwrite=True)
-    for p in stale:
-        for f in (p, p + INDEX_SUFFIX):
-            if tf.io.gfile.exists(f):
-                tf.io.gfile.remove(f)
-    manifest = {
-        "format": FORMAT, "version": VERSION, "source": root,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "images": int(index.num_images), "identities": list(index.identities),
-        "counts": [int(c) for c in counts], "shards": shard_info,
-        "image_sizes": report.image_sizes, "reencoded_png": reencoded,
-        "min_images_per_identity": int(data_cfg.min_images_per_identity),
-        "bad_files": [[p, r] for p, r in report.bad_files],
-    }
-    tmp = f"{manifest_path}.tmp-{os.getpid()}"
-    with tf.io.gfile.GFile(tmp, "w") as fh:
-        fh.write(json.dumps(manifest, indent=1))
-    tf.io.gfile.rename(tmp, manifest_path, overwrite=True)
-    return {"images": int(index.num_images), "identities": int(index.num_identities), "shards": shards,
-            "small_identities_skipped": int(report.identities - index.num_identities),
-            "min_images_per_identity": int(data_cfg.min_images_per_identity),
-            "bad_files": len(report.bad_files), "reencoded_png": reencoded, "bytes": int(total_bytes),
-            "seconds": time.perf_counter() - t0, "check_seconds": report.check_seconds,
-            "manifest": manifest_path, "files": names}
-
