@@ -233,6 +233,36 @@ def best_threshold_accuracy(
     return float(acc[best]), float(grid[best])
 
 
+def _per_fold(dist: np.ndarray, same: np.ndarray, folds: list, grid: np.ndarray, val_grid: np.ndarray,
+              far_target: float) -> tuple[np.ndarray, ...]:
+    """Per test fold: its ROC (tpr, fpr over `grid`), accuracy at the threshold best on the other
+    folds and that threshold, VAL and FAR at the threshold where the other folds' FAR reaches
+    `far_target` and that threshold."""
+    n_folds = len(folds)
+    tprs = np.zeros((n_folds, len(grid)))
+    fprs = np.zeros((n_folds, len(grid)))
+    accuracy = np.zeros(n_folds)
+    best_thresholds = np.zeros(n_folds)
+    val = np.zeros(n_folds)
+    far = np.zeros(n_folds)
+    val_thresholds_used = np.zeros(n_folds)
+
+    for k, (train, test) in enumerate(folds):
+        # calculate_roc: best threshold on the other folds, rates of this fold
+        _, _, acc_train = _rates(dist[train], same[train], grid)
+        best = int(np.argmax(acc_train))
+        tprs[k], fprs[k], acc_test = _rates(dist[test], same[test], grid)
+        accuracy[k] = acc_test[best]
+        best_thresholds[k] = grid[best]
+
+        # calculate_val: threshold where the other folds' FAR reaches the target
+        _, far_train, _ = _rates(dist[train], same[train], val_grid)
+        threshold = threshold_at_far(far_train, val_grid, far_target)
+        val_thresholds_used[k] = threshold
+        val[k], far[k] = _val_far(dist[test], same[test], threshold)
+    return tprs, fprs, accuracy, best_thresholds, val, far, val_thresholds_used
+
+
 def verification_metrics(
     distances: Iterable[float],
     issame: Iterable[bool],
@@ -272,28 +302,8 @@ def verification_metrics(
         val_threshold_grid(distance) if val_thresholds is None else val_thresholds, "val_thresholds"
     )
     folds = fold_indices(len(dist), n_folds)
-
-    tprs = np.zeros((n_folds, len(grid)))
-    fprs = np.zeros((n_folds, len(grid)))
-    accuracy = np.zeros(n_folds)
-    best_thresholds = np.zeros(n_folds)
-    val = np.zeros(n_folds)
-    far = np.zeros(n_folds)
-    val_thresholds_used = np.zeros(n_folds)
-
-    for k, (train, test) in enumerate(folds):
-        # calculate_roc: best threshold on the other folds, rates of this fold
-        _, _, acc_train = _rates(dist[train], same[train], grid)
-        best = int(np.argmax(acc_train))
-        tprs[k], fprs[k], acc_test = _rates(dist[test], same[test], grid)
-        accuracy[k] = acc_test[best]
-        best_thresholds[k] = grid[best]
-
-        # calculate_val: threshold where the other folds' FAR reaches the target
-        _, far_train, _ = _rates(dist[train], same[train], val_grid)
-        threshold = threshold_at_far(far_train, val_grid, far_target)
-        val_thresholds_used[k] = threshold
-        val[k], far[k] = _val_far(dist[test], same[test], threshold)
+    tprs, fprs, accuracy, best_thresholds, val, far, val_thresholds_used = _per_fold(
+        dist, same, folds, grid, val_grid, far_target)
 
     tpr = np.mean(tprs, 0)
     fpr = np.mean(fprs, 0)

@@ -301,6 +301,61 @@ def identity_folders(root: str) -> dict[str, list[str]]:
     return files
 
 
+def _check_pair_counts(ids: dict[str, list[str]], names: list[str], multi: list[str], n_pairs: int,
+                       n_folds: int) -> None:
+    """`n_pairs` same and different pairs in `n_folds` balanced folds must be possible."""
+    if n_folds < 1:
+        raise UserError(f"make_pairs: n_folds must be at least 1, received {n_folds}")
+    if n_pairs < 1 or n_pairs % n_folds:
+        raise UserError(
+            f"make_pairs: the number of pairs ({n_pairs}) must be a positive multiple of the "
+            f"{n_folds} folds, so that every fold holds as many same as different pairs"
+        )
+    possible_same = sum(len(ids[n]) * (len(ids[n]) - 1) // 2 for n in multi)
+    if possible_same < n_pairs:
+        raise UserError(
+            f"make_pairs: {len(multi)} identities with 2+ images give {possible_same} distinct "
+            f"same-person pairs, fewer than the {n_pairs} asked for"
+        )
+    sizes = np.array([len(ids[n]) for n in names], dtype=np.int64)
+    possible_diff = int((sizes.sum() ** 2 - (sizes**2).sum()) // 2)
+    if len(names) < 2 or possible_diff < n_pairs:
+        raise UserError(
+            f"make_pairs: {len(names)} identities give {possible_diff} distinct different-person "
+            f"pairs, fewer than the {n_pairs} asked for"
+        )
+
+
+def _draw_distinct(draw, n_pairs: int, seen: set, what: str) -> list[tuple[str, str]]:
+    """`n_pairs` results of ``draw()`` whose (unordered) pair is not in `seen` yet (added to it)."""
+    max_tries = 100 * n_pairs + 10_000
+    drawn: list[tuple[str, str]] = []
+    tries = 0
+    while len(drawn) < n_pairs:
+        tries += 1
+        if tries > max_tries:
+            raise UserError(f"make_pairs: drew only {len(drawn)} distinct {what} pairs of {n_pairs} "
+                            f"in {max_tries} tries; ask for fewer pairs")
+        pa, pb = draw()
+        key = (min(pa, pb), max(pa, pb))
+        if key not in seen:
+            seen.add(key)
+            drawn.append((pa, pb))
+    return drawn
+
+
+def _fold_layout(same: list[tuple[str, str]], diff: list[tuple[str, str]], n_folds: int) -> list[Pair]:
+    """LFW View 2 order: per fold its share of same pairs, then as many different pairs."""
+    per_fold = len(same) // n_folds
+    pairs: list[Pair] = []
+    for fold in range(n_folds):
+        block = [(p, True) for p in same[fold * per_fold:(fold + 1) * per_fold]]
+        block += [(p, False) for p in diff[fold * per_fold:(fold + 1) * per_fold]]
+        for (pa, pb), issame in block:
+            pairs.append(Pair(pa, pb, issame, line=len(pairs) + 2, fold=fold + 1))
+    return pairs
+
+
 def make_pairs(
     identity_to_paths: dict[str, list[str]],
     n_pairs: int,
@@ -317,76 +372,26 @@ def make_pairs(
     be a multiple of `n_folds`. `Pair.line` is the line `write_pairs` writes it on,
     `Pair.fold` its 1-based fold.
     """
-    if n_folds < 1:
-        raise UserError(f"make_pairs: n_folds must be at least 1, received {n_folds}")
-    if n_pairs < 1 or n_pairs % n_folds:
-        raise UserError(
-            f"make_pairs: the number of pairs ({n_pairs}) must be a positive multiple of the "
-            f"{n_folds} folds, so that every fold holds as many same as different pairs"
-        )
     ids = {name: sorted(set(paths)) for name, paths in identity_to_paths.items() if paths}
     names = sorted(ids)
     multi = [name for name in names if len(ids[name]) >= 2]
-    possible_same = sum(len(ids[n]) * (len(ids[n]) - 1) // 2 for n in multi)
-    if possible_same < n_pairs:
-        raise UserError(
-            f"make_pairs: {len(multi)} identities with 2+ images give {possible_same} distinct "
-            f"same-person pairs, fewer than the {n_pairs} asked for"
-        )
-    sizes = np.array([len(ids[n]) for n in names], dtype=np.int64)
-    possible_diff = int((sizes.sum() ** 2 - (sizes**2).sum()) // 2)
-    if len(names) < 2 or possible_diff < n_pairs:
-        raise UserError(
-            f"make_pairs: {len(names)} identities give {possible_diff} distinct different-person "
-            f"pairs, fewer than the {n_pairs} asked for"
-        )
-
+    _check_pair_counts(ids, names, multi, n_pairs, n_folds)
     rng = np.random.default_rng(seed)
-    max_tries = 100 * n_pairs + 10_000
-
-    same: list[tuple[str, str]] = []
     seen: set = set()
-    tries = 0
-    while len(same) < n_pairs:
-        tries += 1
-        if tries > max_tries:
-            raise UserError(
-                f"make_pairs: drew only {len(same)} distinct same-person pairs of {n_pairs} in "
-                f"{max_tries} tries; ask for fewer pairs"
-            )
+
+    def draw_same() -> tuple[str, str]:
         paths = ids[multi[int(rng.integers(len(multi)))]]
         i, j = rng.choice(len(paths), size=2, replace=False)
-        key = (min(paths[i], paths[j]), max(paths[i], paths[j]))
-        if key not in seen:
-            seen.add(key)
-            same.append((paths[i], paths[j]))
+        return paths[i], paths[j]
 
-    diff: list[tuple[str, str]] = []
-    tries = 0
-    while len(diff) < n_pairs:
-        tries += 1
-        if tries > max_tries:
-            raise UserError(
-                f"make_pairs: drew only {len(diff)} distinct different-person pairs of {n_pairs} "
-                f"in {max_tries} tries; ask for fewer pairs"
-            )
+    def draw_diff() -> tuple[str, str]:
         a, b = rng.choice(len(names), size=2, replace=False)
         paths_a, paths_b = ids[names[a]], ids[names[b]]
-        pa = paths_a[int(rng.integers(len(paths_a)))]
-        pb = paths_b[int(rng.integers(len(paths_b)))]
-        key = (min(pa, pb), max(pa, pb))
-        if key not in seen:
-            seen.add(key)
-            diff.append((pa, pb))
+        return paths_a[int(rng.integers(len(paths_a)))], paths_b[int(rng.integers(len(paths_b)))]
 
-    per_fold = n_pairs // n_folds
-    pairs: list[Pair] = []
-    for fold in range(n_folds):
-        block = [(p, True) for p in same[fold * per_fold:(fold + 1) * per_fold]]
-        block += [(p, False) for p in diff[fold * per_fold:(fold + 1) * per_fold]]
-        for (pa, pb), issame in block:
-            pairs.append(Pair(pa, pb, issame, line=len(pairs) + 2, fold=fold + 1))
-    return pairs
+    same = _draw_distinct(draw_same, n_pairs, seen, "same-person")
+    diff = _draw_distinct(draw_diff, n_pairs, seen, "different-person")
+    return _fold_layout(same, diff, n_folds)
 
 
 # --------------------------------------------------------------------------- writing
