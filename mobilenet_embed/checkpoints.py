@@ -87,24 +87,24 @@ def read_index(directory: str) -> Optional[dict]:
                         "start over with --fresh --force") from None
 
 
+def _indexed(directory: str, which: str) -> Optional[CheckpointInfo]:
+    """The checkpoint the index names under `which` (``latest`` or ``best``), or None."""
+    index = read_index(directory)
+    if not index or not index.get(which):
+        return None
+    entry = index[which]
+    state = index.get("state", {}) if which == "latest" else entry.get("metrics", {})
+    return CheckpointInfo(os.path.join(directory, entry["name"]), int(entry["step"]), dict(state))
+
+
 def latest_checkpoint(directory: str) -> Optional[CheckpointInfo]:
     """The latest complete checkpoint in `directory` (``<run_dir>/checkpoints``), or None."""
-    index = read_index(directory)
-    if not index or not index.get("latest"):
-        return None
-    latest = index["latest"]
-    return CheckpointInfo(os.path.join(directory, latest["name"]), int(latest["step"]),
-                          dict(index.get("state", {})))
+    return _indexed(directory, "latest")
 
 
 def best_checkpoint(directory: str) -> Optional[CheckpointInfo]:
     """The best-validation checkpoint in `directory`, or None (its state holds the metrics)."""
-    index = read_index(directory)
-    if not index or not index.get("best"):
-        return None
-    best = index["best"]
-    return CheckpointInfo(os.path.join(directory, best["name"]), int(best["step"]),
-                          dict(best.get("metrics", {})))
+    return _indexed(directory, "best")
 
 
 def load_weights(model, checkpoint_path: str) -> int:

@@ -237,11 +237,17 @@ class _TripletLoss(keras.losses.Loss):
 
     def __init__(self, margin: float = 1.0, distance_metric: DistanceMetric = "L2", name: str | None = None,
                  **kwargs):
-        super().__init__(name=name, **kwargs)
+        super().__init__(name=name if name is not None else self.default_name, **kwargs)
         self.margin = float(margin)
         if isinstance(distance_metric, dict):
             distance_metric = keras.saving.deserialize_keras_object(distance_metric)
         self.distance_metric = distance_metric
+
+    loss_fn = None  # the loss function of (labels, embeddings, margin, distance_metric)
+    default_name = None
+
+    def call(self, y_true, y_pred):
+        return self.loss_fn(y_true, y_pred, self.margin, self.distance_metric)
 
     def __call__(self, y_true, y_pred, sample_weight=None):
         if sample_weight is not None:
@@ -267,12 +273,9 @@ class _TripletLoss(keras.losses.Loss):
 class TripletSemiHardLoss(_TripletLoss):
     """Keras `Loss` for `triplet_semihard_loss`."""
 
-    def __init__(self, margin: float = 1.0, distance_metric: DistanceMetric = "L2",
-                 name: str = "triplet_semihard_loss", **kwargs):
-        super().__init__(margin=margin, distance_metric=distance_metric, name=name, **kwargs)
+    loss_fn = staticmethod(triplet_semihard_loss)
+    default_name = "triplet_semihard_loss"
 
-    def call(self, y_true, y_pred):
-        return triplet_semihard_loss(y_true, y_pred, self.margin, self.distance_metric)
 
 
 @keras.saving.register_keras_serializable(package="mbembed")
@@ -295,12 +298,8 @@ class TripletHardLoss(_TripletLoss):
 class TripletBatchAllLoss(_TripletLoss):
     """Keras `Loss` for `triplet_batch_all_loss`."""
 
-    def __init__(self, margin: float = 1.0, distance_metric: DistanceMetric = "L2",
-                 name: str = "triplet_batch_all_loss", **kwargs):
-        super().__init__(margin=margin, distance_metric=distance_metric, name=name, **kwargs)
-
-    def call(self, y_true, y_pred):
-        return triplet_batch_all_loss(y_true, y_pred, self.margin, self.distance_metric)
+    loss_fn = staticmethod(triplet_batch_all_loss)
+    default_name = "triplet_batch_all_loss"
 
 
 # --------------------------------------------------------------------------- config

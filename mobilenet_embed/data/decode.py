@@ -32,6 +32,7 @@ from typing import Iterable, Optional
 import numpy as np
 import tensorflow as tf
 
+from mobilenet_embed import atomic
 from mobilenet_embed.image_files import IMAGE_EXTENSIONS, PILLOW_EXTENSIONS, TF_EXTENSIONS  # noqa: F401
 
 
@@ -232,11 +233,7 @@ class CheckCache:
         if not self.file or not self.dirty:
             return
         try:
-            os.makedirs(os.path.dirname(self.file), exist_ok=True)
-            tmp = f"{self.file}.tmp-{os.getpid()}"
-            with open(tmp, "w", encoding="utf-8") as fh:
-                json.dump({"version": CACHE_VERSION, "root": self.root, "entries": self.entries}, fh)
-            os.replace(tmp, self.file)
+            atomic.write_json(self.file, {"version": CACHE_VERSION, "root": self.root, "entries": self.entries})
         except OSError:
             pass  # a cache that cannot be written only costs time
 
