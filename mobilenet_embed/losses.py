@@ -277,7 +277,6 @@ class TripletSemiHardLoss(_TripletLoss):
     default_name = "triplet_semihard_loss"
 
 
-
 @keras.saving.register_keras_serializable(package="mbembed")
 class TripletHardLoss(_TripletLoss):
     """Keras `Loss` for `triplet_hard_loss`."""
