@@ -88,13 +88,13 @@ def resolve_pairs(cfg: Config, root: str, pairs_file: Optional[str], make_pairs_
 
 
 def evaluate(cfg: Config, checkpoint: Optional[str] = None, model: Optional[str] = None,
-             pairs: Optional[str] = None, data: Optional[str] = None, out_dir: Optional[str] = None,
+             pairs: Optional[str] = None, pairs_root: Optional[str] = None, out_dir: Optional[str] = None,
              make_pairs: Optional[int] = None, num_threads: Optional[int] = None,
              log: Callable[[str], None] = lambda line: None) -> EvalResult:
     """Verify pairs with a checkpoint (`checkpoint`: file, checkpoint dir or run dir) or an
     exported model (`model`: SavedModel dir, `.tflite` or `.keras`) and write the results.
 
-    The pairs are `pairs` (else `cfg.eval.pairs`) under the image root `data` (else
+    The pairs are `pairs` (else `cfg.eval.pairs`) under the image root `pairs_root` (else
     `cfg.eval.data`, else `cfg.data.path`), or `make_pairs` pairs drawn from that root.
     Writes `metrics.json`, `roc.png` and `pair_distances.csv` into `out_dir` (default: the
     run directory's `eval/` folder).
@@ -106,9 +106,9 @@ def evaluate(cfg: Config, checkpoint: Optional[str] = None, model: Optional[str]
 
     if (checkpoint is None) == (model is None):
         raise UserError("mbembed eval: give exactly one of --checkpoint PATH and --model PATH")
-    root = data or cfg.eval.data or cfg.data.path
+    root = pairs_root or cfg.eval.data or cfg.data.path
     if not root:
-        raise UserError("eval.data: no image folder for the pairs (give --data DIR, set eval.data or data.path)")
+        raise UserError("eval.data: no image folder for the pairs (give --pairs-root DIR, set eval.data or data.path)")
     if not os.path.isdir(root):
         raise UserError(f"{root}: image folder not found")
     out_dir = out_dir or _default_out_dir(cfg, checkpoint, model)

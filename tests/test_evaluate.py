@@ -57,6 +57,7 @@ def test_eval_end_to_end_writes_three_files(faces, keras_model, tmp_path):
     assert metrics["n_images"] == len({p for line in (out / "pair_distances.csv").read_text().splitlines()[1:]
                                        for p in line.split(",")[2:4]})
     assert "accuracy" in result.output and "VAL@FAR=0.001" in result.output and "AUC" in result.output
+    assert "note: mbembed eval --data is now --pairs-root" in result.output  # the old name, deprecated
     rows = (out / "pair_distances.csv").read_text().splitlines()
     assert rows[0].startswith("pair,") and len(rows) == 21
     assert (out / "roc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -64,11 +65,11 @@ def test_eval_end_to_end_writes_three_files(faces, keras_model, tmp_path):
 
 def test_make_pairs_is_deterministic_and_reusable(faces, keras_model, tmp_path):
     cfg = load_config(None, ["eval.folds=5"])
-    a = evaluate(cfg, model=keras_model, data=faces, make_pairs=10, out_dir=str(tmp_path / "a"))
-    b = evaluate(cfg, model=keras_model, data=faces, make_pairs=10, out_dir=str(tmp_path / "b"))
+    a = evaluate(cfg, model=keras_model, pairs_root=faces, make_pairs=10, out_dir=str(tmp_path / "a"))
+    b = evaluate(cfg, model=keras_model, pairs_root=faces, make_pairs=10, out_dir=str(tmp_path / "b"))
     assert (tmp_path / "a" / "pairs.txt").read_text() == (tmp_path / "b" / "pairs.txt").read_text()
     # the written pairs file evaluates to the same numbers
-    c = evaluate(cfg, model=keras_model, data=faces, pairs=str(tmp_path / "a" / "pairs.txt"),
+    c = evaluate(cfg, model=keras_model, pairs_root=faces, pairs=str(tmp_path / "a" / "pairs.txt"),
                  out_dir=str(tmp_path / "c"))
     for key in ("accuracy", "auc", "eer", "val"):
         assert a.metrics[key] == b.metrics[key] == c.metrics[key]
@@ -76,8 +77,8 @@ def test_make_pairs_is_deterministic_and_reusable(faces, keras_model, tmp_path):
 
 def test_flip_averages_the_mirror_embedding(faces, keras_model, tmp_path):
     cfg = load_config(None, ["eval.folds=5", "eval.flip=true"])
-    res = evaluate(cfg, model=keras_model, data=faces, make_pairs=10, out_dir=str(tmp_path / "f"))
-    plain = evaluate(load_config(None, ["eval.folds=5"]), model=keras_model, data=faces,
+    res = evaluate(cfg, model=keras_model, pairs_root=faces, make_pairs=10, out_dir=str(tmp_path / "f"))
+    plain = evaluate(load_config(None, ["eval.folds=5"]), model=keras_model, pairs_root=faces,
                      pairs=str(tmp_path / "f" / "pairs.txt"), out_dir=str(tmp_path / "p"))
     assert res.metrics["flip"] is True
     flipped = [float(r.split(",")[4]) for r in (tmp_path / "f" / "pair_distances.csv").read_text().splitlines()[1:]]
@@ -94,20 +95,21 @@ def test_tflite_export_evaluates_through_the_same_path(faces, keras_model, tmp_p
     tflite = str(tmp_path / "model_float32.tflite")
     export_tflite(saved, tflite, "tflite_float32")
     cfg = load_config(None, ["eval.folds=5"])
-    ref = evaluate(cfg, model=keras_model, data=faces, make_pairs=10, out_dir=str(tmp_path / "k"))
+    ref = evaluate(cfg, model=keras_model, pairs_root=faces, make_pairs=10, out_dir=str(tmp_path / "k"))
     pairs = str(tmp_path / "k" / "pairs.txt")
     for path in (saved, tflite):
-        res = evaluate(cfg, model=path, data=faces, pairs=pairs, out_dir=str(tmp_path / ("ev-" + os.path.basename(path))))
+        res = evaluate(cfg, model=path, pairs_root=faces, pairs=pairs, out_dir=str(tmp_path / ("ev-" + os.path.basename(path))))
         assert res.metrics["accuracy"] == pytest.approx(ref.metrics["accuracy"], abs=1e-9)
         assert res.metrics["auc"] == pytest.approx(ref.metrics["auc"], abs=1e-3)
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--data", "{faces}"], "mbembed eval: give exactly one of --checkpoint PATH and --model PATH"),
-    (["--model", "{model}", "--data", "{faces}"], "eval.pairs: no pairs file"),
-    (["--model", "{model}", "--data", "{faces}", "--pairs", "/nonexistent/pairs.txt"], "/nonexistent/pairs.txt: pairs file not found"),
-    (["--model", "{model}", "--data", "/nonexistent/images", "--make-pairs", "5"], "/nonexistent/images: image folder not found"),
-    (["--model", "/nonexistent/m.tflite", "--data", "{faces}", "--make-pairs", "10"], "/nonexistent/m.tflite: model not found"),
+    (["--pairs-root", "{faces}"], "mbembed eval: give exactly one of --checkpoint PATH and --model PATH"),
+    (["--model", "{model}", "--pairs-root", "{faces}"], "eval.pairs: no pairs file"),
+    (["--model", "{model}", "--pairs-root", "{faces}", "--pairs", "/nonexistent/pairs.txt"], "/nonexistent/pairs.txt: pairs file not found"),
+    (["--model", "{model}", "--pairs-root", "/nonexistent/images", "--make-pairs", "5"], "/nonexistent/images: image folder not found"),
+    (["--model", "/nonexistent/m.tflite", "--pairs-root", "{faces}", "--make-pairs", "10"], "/nonexistent/m.tflite: model not found"),
+    (["--model", "{model}", "--data", "{faces}", "--pairs-root", "{faces}"], "mbembed eval: give --pairs-root only (--data is its old name)"),
 ])
 def test_eval_input_errors_exit_2(faces, keras_model, tmp_path, args, message):
     args = [a.format(faces=faces, model=keras_model) for a in args]
@@ -120,7 +122,7 @@ def test_malformed_pairs_line_names_file_and_line(faces, keras_model, tmp_path):
     pairs = tmp_path / "pairs.txt"
     pairs.write_text("1 1\nPerson_0\t1\t2\nPerson_0\tx\tPerson_1\t1\n")
     with pytest.raises(UserError, match=f"{pairs}:3: "):
-        evaluate(load_config(None, ["eval.folds=2"]), model=keras_model, data=faces, pairs=str(pairs),
+        evaluate(load_config(None, ["eval.folds=2"]), model=keras_model, pairs_root=faces, pairs=str(pairs),
                  out_dir=str(tmp_path / "o"))
 
 
@@ -151,5 +153,5 @@ def test_unreadable_image_in_pairs_is_named(faces, keras_model, tmp_path):
     pairs = tmp_path / "pairs.txt"
     pairs.write_text("1 1\nPerson_2\t1\t2\nPerson_0\t1\tPerson_1\t1\n")
     with pytest.raises(UserError, match="Person_2_0001.jpg: unreadable image"):
-        evaluate(load_config(None, ["eval.folds=2"]), model=keras_model, data=str(root), pairs=str(pairs),
+        evaluate(load_config(None, ["eval.folds=2"]), model=keras_model, pairs_root=str(root), pairs=str(pairs),
                  out_dir=str(tmp_path / "o"))
