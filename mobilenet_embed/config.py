@@ -19,6 +19,10 @@ import yaml
 from mobilenet_embed.errors import UserError
 
 
+#: every format `mbembed export` can write (`mobilenet_embed.export_formats`)
+EXPORT_FORMATS = ("saved_model", "tflite_float32", "tflite_float16", "tflite_int8")
+
+
 def _spec(default: Any = dataclasses.MISSING, *, factory: Callable[[], Any] | None = None,
           low: float | None = None, high: float | None = None, low_open: bool = False,
           high_open: bool = False, choices: tuple | None = None, doc: str = "") -> Any:
@@ -127,7 +131,7 @@ class EvalConfig:
 @dataclass
 class ExportConfig:
     formats: list = _spec(factory=lambda: ["saved_model"],
-                          choices=("saved_model", "tflite_float32", "tflite_float16", "tflite_int8"),
+                          choices=EXPORT_FORMATS,
                           doc="what `mbembed export` writes")
     representative_samples: int = _spec(200, low=1, doc="int8 calibration images")
     parity_samples: int = _spec(64, low=1, doc="held-out images for the parity report")

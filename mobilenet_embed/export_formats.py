@@ -13,8 +13,9 @@
   (batch dimension dynamic); for int8 the input is ``round(x / scale + zero_point)``. A model
   that would need Flex (TF Select) ops is refused with the ops named.
 
-`FORMATS` is the one list of format names (the config's ``export.formats`` choices and
-``mbembed export --format``); `FILENAMES` their names under an output directory.
+`FORMATS` (`mobilenet_embed.config.EXPORT_FORMATS`) is the one list of format names (the config's
+``export.formats`` choices and ``mbembed export --format``); `FILENAMES` their names under an
+output directory.
 """
 
 from __future__ import annotations
@@ -25,13 +26,14 @@ from typing import TYPE_CHECKING, Optional, Sequence
 import numpy as np
 
 from mobilenet_embed import atomic
+from mobilenet_embed.config import EXPORT_FORMATS
 from mobilenet_embed.embedders import OUTPUT_KEY, PREPROCESSED_SIGNATURE, RAW_SIGNATURE
 from mobilenet_embed.errors import UserError
 
 if TYPE_CHECKING:
     import keras
 
-FORMATS = ("saved_model", "tflite_float32", "tflite_float16", "tflite_int8")
+FORMATS = EXPORT_FORMATS
 TFLITE_KINDS = {"tflite_float32": "float32", "tflite_float16": "float16", "tflite_int8": "int8"}
 #: file (or directory) name of each format under the output directory
 FILENAMES = {
