@@ -12,8 +12,7 @@ from mobilenet_embed.embedders import (Embedder, KerasEmbedder, SavedModelEmbedd
                                        TFLiteEmbedder, load_embedder)
 from mobilenet_embed.errors import UserError  # noqa: E402
 from mobilenet_embed.export_formats import export_saved_model, export_tflite  # noqa: E402
-from mobilenet_embed.model import build_embedding_model
-from modelutil import he_initialise  # noqa: E402
+from harness import random_images, run_embedder_test, tiny_model  # noqa: E402
 
 SIZE = 32
 
@@ -21,11 +20,10 @@ SIZE = 32
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("embedders")
-    model = build_embedding_model(image_size=SIZE, alpha=0.25, embedding_size=8)
-    he_initialise(model)
+    model = tiny_model(SIZE, embedding_size=8)
     model.save(root / "m.keras")
     saved = export_saved_model(model, str(root / "saved_model"), SIZE, 1.0)
-    images = np.random.default_rng(0).uniform(-1, 1, (20, SIZE, SIZE, 3)).astype(np.float32)
+    images = random_images(20, SIZE)
     paths = {"keras": str(root / "m.keras"), "saved_model": saved}
     for kind in ("float32", "int8"):
         paths[kind] = export_tflite(saved, str(root / f"m_{kind}.tflite"), kind, images[:10])
@@ -41,14 +39,8 @@ def test_load_embedder_picks_the_kind_and_matches_keras(models, kind, cls, atol)
     embedder = load_embedder(paths[kind], batch_size=4)  # 20 images: 5 batches
     assert isinstance(embedder, cls) and isinstance(embedder, Embedder)
     assert (embedder.image_size, embedder.embedding_size) == (SIZE, 8)
-    out = embedder.embed(images)
-    assert out.shape == (20, 8) and out.dtype == np.float32
-    np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1.0, atol=1e-3)
-    expected = model(images, training=False).numpy()
-    np.testing.assert_allclose(out, expected, atol=atol)
-    # batch size does not change the result, a single image [S, S, 3] is accepted
-    np.testing.assert_allclose(embedder.embed(images[3]), out[3:4], atol=1e-5)
-    assert embedder.embed(images[:0]).shape == (0, 8)
+    # unit-length float32 [20, 8] equal to Keras within atol, batching-independent, [S, S, 3] and [0] accepted
+    run_embedder_test(embedder, model, images, atol)
 
 
 def test_tflite_int8_quantises_input_and_reports_its_contract(models):

@@ -12,8 +12,7 @@ from mobilenet_embed.cli import main
 from mobilenet_embed.config import load_config
 from mobilenet_embed.errors import UserError
 from mobilenet_embed.evaluate import evaluate
-from mobilenet_embed.model import build_embedding_model
-from modelutil import he_initialise
+from harness import tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -33,8 +32,7 @@ def faces(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def keras_model(tmp_path_factory):
-    model = build_embedding_model(image_size=32, alpha=0.25, embedding_size=16)
-    he_initialise(model, seed=1)  # a random net that still separates colours
+    model = tiny_model(32, embedding_size=16, seed=1)  # a random net that still separates colours
     path = str(tmp_path_factory.mktemp("model") / "m.keras")
     model.save(path)
     return path

@@ -32,8 +32,7 @@ from mobilenet_embed.export import export_model  # noqa: E402
 from mobilenet_embed.export_embeddings import export_embeddings  # noqa: E402
 from mobilenet_embed.export_formats import FILENAMES, export_saved_model, export_tflite  # noqa: E402
 from mobilenet_embed.export_report import REPORT_NAME  # noqa: E402
-from mobilenet_embed.model import build_embedding_model
-from modelutil import he_initialise  # noqa: E402
+from harness import tiny_model as harness_model  # noqa: E402
 
 SIZE = 32
 OVERRIDES = [
@@ -45,9 +44,7 @@ ALL_FORMATS = ["saved_model", "tflite_float32", "tflite_float16", "tflite_int8"]
 
 
 def tiny_model():
-    model = build_embedding_model(image_size=SIZE, alpha=0.25, embedding_size=16)
-    he_initialise(model)
-    return model
+    return harness_model(SIZE, embedding_size=16)
 
 
 def cli_sets(extra=()):

@@ -8,8 +8,9 @@ from click.testing import CliRunner
 from mobilenet_embed.cli import main
 from mobilenet_embed.config import load_config
 from mobilenet_embed.errors import UserError
-from mobilenet_embed.model import (backbone, build_embedding_model, build_model_from_config,
-                                   copy_keras_mobilenet_weights, load_backbone_weights, multiply_adds)
+from mobilenet_embed.model import (build_embedding_model, build_model_from_config, copy_keras_mobilenet_weights,
+                                   load_backbone_weights, multiply_adds)
+from harness import backbone
 
 
 def head_params(features: int, embedding_size: int = 128) -> int:
