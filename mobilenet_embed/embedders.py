@@ -1,4 +1,4 @@
-"""One inference code path for every kind of model mbembed writes: Keras, SavedModel, TFLite.
+"""One inference code path (the runtimes) for every kind of model mbembed writes: Keras, SavedModel, TFLite.
 
 An `Embedder` maps preprocessed images (float32 ``[N, S, S, 3]`` in [-1, 1], as
 `mobilenet_embed.data.preprocess_images` makes them) to L2-normalised embeddings

@@ -2,7 +2,7 @@
 
 One code path for every kind of model: `embedders.load_embedder` gives an Embedder for a
 checkpoint, a run directory, a `.keras` file, a SavedModel or a `.tflite` file; each distinct
-image is decoded and embedded once (`embedding.evaluate_pairs`); `metrics.verification_metrics`
+image is decoded and embedded once (`verification.evaluate_pairs`); `metrics.verification_metrics`
 computes the numbers exactly as FaceNet's `lfw.py`. Results go to `metrics.json`, `roc.png` and
 `pair_distances.csv`.
 """
@@ -100,7 +100,7 @@ def evaluate(cfg: Config, checkpoint: Optional[str] = None, model: Optional[str]
     run directory's `eval/` folder).
     """
     from mobilenet_embed.embedders import load_embedder
-    from mobilenet_embed.embedding import evaluate_pairs
+    from mobilenet_embed.verification import evaluate_pairs
     from mobilenet_embed.pairs import write_pair_distances_csv
     from mobilenet_embed.plots import plot_roc_from_metrics
 

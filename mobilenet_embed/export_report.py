@@ -2,7 +2,7 @@
 
 For each format: its size, the cosine similarity of its embeddings to the Keras model's on
 ``export.parity_samples`` held-out images (mean, min), single-image latency and, with a pairs
-file, verification accuracy through `mobilenet_embed.embedding.evaluate_pairs` (the code path of
+file, verification accuracy through `mobilenet_embed.verification.evaluate_pairs` (the code path of
 `mbembed eval`). A format below its `TARGETS` fails. The report also owns the lines
 ``mbembed export`` prints about it (`ExportReport.table`, `input_notes`, `parity_warnings`).
 
@@ -245,8 +245,8 @@ VERIFICATION_KEYS = ("accuracy", "accuracy_std", "threshold", "val", "val_std", 
 def verify_pairs(embedders: dict[str, Embedder], cfg: "Config", pairs_file: str,
                   root: Optional[str]) -> tuple[dict, dict[str, dict]]:
     """Verification metrics of every embedder on a pairs file, through
-    `mobilenet_embed.embedding.evaluate_pairs` (the code path of `mbembed eval`)."""
-    from mobilenet_embed.embedding import evaluate_pairs
+    `mobilenet_embed.verification.evaluate_pairs` (the code path of `mbembed eval`)."""
+    from mobilenet_embed.verification import evaluate_pairs
     from mobilenet_embed.pairs import read_pairs
 
     root = root or cfg.eval.data or cfg.data.path

@@ -478,7 +478,7 @@ def train(cfg: Config, run_dir: Optional[str] = None, fresh: bool = False, force
         nonlocal best_acc, best_step, best_metrics, last_val
         if not data.val_pairs:
             return None
-        from mobilenet_embed.embedding import evaluate_pairs
+        from mobilenet_embed.verification import evaluate_pairs
 
         t0 = time.perf_counter()
         metrics = evaluate_pairs(model, cfg.data, data.val_pairs, batch_size=cfg.eval.batch_size,

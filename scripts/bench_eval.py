@@ -4,7 +4,7 @@
 
 - bare: the Keras model (a `tf.function`, inference mode) on preprocessed batches already in
   memory: the ceiling for any input pipeline.
-- eval: `embedding.embed_paths`, the path of `mbembed eval` and of validation during training:
+- eval: `verification.embed_paths`, the path of `mbembed eval` and of validation during training:
   read, decode, crop, resize and embed each distinct image once, pipelined with tf.data.
 Target: eval >= 0.9x bare. The model is randomly initialised (speed does not depend on weights).
 """
@@ -36,7 +36,7 @@ def main(argv: list[str]) -> dict:
 
     from mobilenet_embed.config import load_config
     from mobilenet_embed.data import check_files
-    from mobilenet_embed.embedding import embed_paths
+    from mobilenet_embed.verification import embed_paths
     from mobilenet_embed.model import build_embedding_model
 
     if not os.path.isdir(args.data):

@@ -128,7 +128,7 @@ def test_flip_embedding_equals_mean_with_the_mirrored_file(faces, keras_model, t
     """The mirror is taken after decoding (one decode per image): it must equal embedding a
     mirrored copy of the file, crop and resize included."""
     import keras
-    from mobilenet_embed.embedding import embed_paths
+    from mobilenet_embed.verification import embed_paths
 
     cfg = load_config(None, ["data.image_size=32", "data.crop_fraction=0.7"])
     src = os.path.join(faces, "Person_1", "Person_1_0001.jpg")

@@ -1,4 +1,4 @@
-"""Embed image paths with a model, and verification metrics of pairs: shared by train and eval.
+"""Verification of pairs: embed their images with a model, distance per pair, metrics (train and eval).
 
 - `embed_paths(model_or_fn, data_cfg, paths, batch_size, flip=False)`: embeddings ``[N, D]`` in
   the order of `paths`, each distinct path read and embedded once (LFW pairs repeat images).
