@@ -187,9 +187,7 @@ class CheckpointManager:
         shutil.rmtree(tmp, ignore_errors=True)
         self.checkpoint.write(os.path.join(tmp, PREFIX))
         final = os.path.join(self.directory, name)
-        if os.path.exists(final):  # renamed by a run killed before its index update
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        atomic.replace_dir(tmp, final)  # a `final` there was renamed by a run killed before its index update
         return final
 
     def save(self, step: int, state: dict | None = None) -> CheckpointInfo:
@@ -238,7 +236,7 @@ class CheckpointManager:
             path = os.path.join(self.directory, entry)
             if entry == INDEX:
                 continue
-            if entry.startswith(("ckpt-tmp-", INDEX + ".tmp-", atomic.TMP_PREFIX + INDEX)):
+            if entry.startswith(("ckpt-tmp-", INDEX + ".tmp-", atomic.TMP_PREFIX + INDEX, ".old-")):
                 # A temporary of another live process cannot exist: one chief per run directory.
                 shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else _unlink(path)
             elif _NAME.match(entry) and entry not in wanted:
