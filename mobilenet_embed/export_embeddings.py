@@ -12,7 +12,6 @@ import glob
 import hashlib
 import json
 import os
-import re
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -53,12 +52,12 @@ def data_config_for(data: str, base: "DataConfig", image_size: int) -> "DataConf
     PREFIX, or a folder holding one manifest and no sub-folders); else an identity folder.
     Augmentation off, every identity kept (even with one image), images preprocessed to
     `image_size` with `base`'s crop fraction."""
-    from mobilenet_embed.data.tfrecord import MANIFEST_SUFFIX
+    from mobilenet_embed.data.tfrecord import MANIFEST_SUFFIX, SHARD_RE
 
     if data == "synthetic":
         source, path = "synthetic", None
     elif (any(c in data for c in "*?[") or data.endswith(MANIFEST_SUFFIX)
-          or re.search(r"-\d{5}-of-\d{5}\.tfrecord$", data) or os.path.isfile(data + MANIFEST_SUFFIX)):
+          or SHARD_RE.match(data) or os.path.isfile(data + MANIFEST_SUFFIX)):
         source, path = "tfrecord", data
     elif os.path.isdir(data):
         manifests = glob.glob(os.path.join(data, "*" + MANIFEST_SUFFIX))

@@ -44,7 +44,7 @@ MANIFEST_SUFFIX = ".manifest.json"
 FORMAT = "mbembed-tfrecord"
 VERSION = 1
 KEY_PREFIX = "tfrecord:"
-_SHARD_RE = re.compile(r"^(?P<prefix>.*)-(?P<i>\d{5})-of-(?P<n>\d{5})\.tfrecord$")
+SHARD_RE = re.compile(r"^(?P<prefix>.*)-(?P<i>\d{5})-of-(?P<n>\d{5})\.tfrecord$")
 
 
 INDEX_SUFFIX = ".index"
@@ -112,7 +112,7 @@ def load_manifest(path: Optional[str]) -> Manifest:
         matches = sorted(p for p in tf.io.gfile.glob(path) if not p.endswith((INDEX_SUFFIX, MANIFEST_SUFFIX)))
         if not matches:
             raise UserError(f"data.path: no files match {path}")
-        m = _SHARD_RE.match(matches[0])
+        m = SHARD_RE.match(matches[0])
         if not m:
             raise UserError(f"data.path: {matches[0]} is not a shard written by `mbembed prepare` "
                             f"(PREFIX-NNNNN-of-NNNNN.tfrecord)")
@@ -124,7 +124,7 @@ def load_manifest(path: Optional[str]) -> Manifest:
             raise UserError(f"data.path: none of the files matching {path} is listed in {manifest_path}")
         man.selected = selected
         return man
-    m = _SHARD_RE.match(path)
+    m = SHARD_RE.match(path)
     if m:
         man = Manifest(m.group("prefix") + MANIFEST_SUFFIX, _read_json(m.group("prefix") + MANIFEST_SUFFIX))
         man.selected = [i for i, s in enumerate(man.shards) if os.path.basename(s["file"]) == os.path.basename(path)]

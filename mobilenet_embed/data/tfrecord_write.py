@@ -26,7 +26,7 @@ import tensorflow as tf
 
 from mobilenet_embed.data import decode
 from mobilenet_embed.data.index import ImageIndex, inspect_data
-from mobilenet_embed.data.tfrecord import (_SHARD_RE, FORMAT, INDEX_SUFFIX, MANIFEST_SUFFIX, VERSION,
+from mobilenet_embed.data.tfrecord import (FORMAT, INDEX_SUFFIX, MANIFEST_SUFFIX, SHARD_RE, VERSION,
                                            shard_name)
 from mobilenet_embed.errors import UserError
 
@@ -73,7 +73,7 @@ def _outputs(out_prefix: str, shards: int, force: bool) -> tuple[list[str], list
     existing outputs need `force`."""
     names = [shard_name(out_prefix, i, shards) for i in range(shards)]
     existing = [p for p in names + [out_prefix + MANIFEST_SUFFIX] if tf.io.gfile.exists(p)]
-    stale = [p for p in tf.io.gfile.glob(f"{out_prefix}-*-of-*.tfrecord") if _SHARD_RE.match(p) and p not in names]
+    stale = [p for p in tf.io.gfile.glob(f"{out_prefix}-*-of-*.tfrecord") if SHARD_RE.match(p) and p not in names]
     if (existing or stale) and not force:
         first = (existing or stale)[0]
         raise UserError(f"--out {out_prefix}: {first} exists (and {len(existing) + len(stale) - 1} more "
