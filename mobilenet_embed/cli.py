@@ -132,6 +132,10 @@ from mobilenet_embed.commands.eval import eval_command  # noqa: E402
 
 main.add_command(eval_command)
 
+from mobilenet_embed.commands.align import align  # noqa: E402
+
+main.add_command(align)
+
 
 def run() -> None:
     """Console-script entry point."""
