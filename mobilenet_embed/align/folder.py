@@ -183,7 +183,11 @@ def align_folder(data_dir: str, out_dir: str, spec: AlignSpec, detector: Optiona
     bar = tqdm(total=len(todo), unit="img", desc="align", disable=not progress, dynamic_ncols=True)
     interrupted = False
     try:
-        with open(journal_path, "a", encoding="utf-8") as journal:
+        with open(journal_path, "a+", encoding="utf-8") as journal:
+            if journal.tell() > 0:  # a killed run may have left half a line: start on a fresh one
+                journal.seek(journal.tell() - 1)
+                if journal.read(1) != "\n":
+                    journal.write("\n")
             if settings is None:
                 journal.write(json.dumps({"settings": wanted}) + "\n")
             for batch_paths, results in iter_aligned(todo, spec, detector, batch_size, pillow):
