@@ -136,3 +136,25 @@ def test_aligned_folder_reads_back_as_training_data(raw, tmp_path):
     index, report = inspect_data(cfg.data)
     assert report.bad_files == [] and report.images == 5 and report.ignored_files == 2  # journal + report
     assert report.image_sizes == {"32x32": 5}
+
+
+def test_aligned_batches_feed_the_model_preprocessing(raw, tmp_path):
+    from mobilenet_embed.align.alignment import align_images, decode_file
+    from mobilenet_embed.align.inference import AlignCounts, aligned_batches
+    from mobilenet_embed.config import load_config
+    from mobilenet_embed.data import preprocess_images
+
+    cfg = load_config(None, ["data.align_template=arcface", "data.align_size=48", "data.image_size=32",
+                             "data.crop_fraction=0.9", "data.check_cache=null"])
+    paths = [str(raw / "ann" / "a1.png"), str(raw / "bob" / "grey.png"), str(raw / "ann" / "a2.png")]
+    counts, det = AlignCounts(), StandIn()
+    batches = list(aligned_batches(cfg.data, paths, batch_size=2, detector=det, counts=counts))
+    assert [b.shape for b in batches] == [(2, 32, 32, 3), (1, 32, 32, 3)] and det.calls == 2
+    assert (counts.aligned, counts.no_face, counts.several_faces) == (2, 1, 1)
+    assert counts.no_face_paths == [paths[1]]
+    expected = align_images([decode_file(paths[0])], AlignSpec(size=48), StandIn())[0].image
+    np.testing.assert_allclose(batches[0][0], preprocess_images(expected, 32, 0.9).numpy(), atol=1e-6)
+    with pytest.raises(UserError, match="broken.jpg: unreadable image"):
+        list(aligned_batches(cfg.data, [str(raw / "bob" / "broken.jpg")], detector=StandIn()))
+    with pytest.raises(UserError, match="data.align_template"):
+        list(aligned_batches(load_config(None, []).data, paths, detector=StandIn()))
