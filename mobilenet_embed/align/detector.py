@@ -78,6 +78,11 @@ class MtcnnDetector:
         self.device = device
         self._mtcnn = MTCNN(device=device)
 
+    @property
+    def settings(self) -> dict:
+        """What changes its detections (recorded by `align_folder`'s journal)."""
+        return {"min_face_size": self.min_face_size}
+
     def detect(self, images: Sequence[np.ndarray]) -> list[list[Face]]:
         images = [np.asarray(im) for im in images]
         out: list[list[Face]] = [[] for _ in images]

@@ -88,8 +88,8 @@ def read_journal(path: str) -> tuple[Optional[dict], dict, dict]:
     return settings, entries, runs
 
 
-def build_report(data_dir: str, out_dir: str, spec: AlignSpec, detector_name: str, found: int,
-                 entries: dict, bad: list, runs: dict, this_run: dict) -> dict:
+def build_report(data_dir: str, out_dir: str, settings: dict, found: int, entries: dict, bad: list,
+                 runs: dict, this_run: dict) -> dict:
     """The report of `align_folder` from the journal entries of all runs and this run's check."""
     by_status = {ALIGNED: [], CENTER: [], SKIPPED: []}
     for rel, e in sorted(entries.items()):
@@ -100,7 +100,7 @@ def build_report(data_dir: str, out_dir: str, spec: AlignSpec, detector_name: st
     done = len(entries)
     return {
         "data": os.path.abspath(data_dir), "out": os.path.abspath(out_dir),
-        "settings": dict(spec.as_dict(), detector=detector_name),
+        "settings": settings,
         "images": found,
         "aligned": len(by_status[ALIGNED]),
         "no_face": len(no_face),
@@ -120,8 +120,8 @@ def build_report(data_dir: str, out_dir: str, spec: AlignSpec, detector_name: st
     }
 
 
-def _settings(spec: AlignSpec, detector_name: str) -> dict:
-    return dict(spec.as_dict(), detector=detector_name, version=JOURNAL_VERSION)
+def _settings(spec: AlignSpec, detector_name: str, detector_settings: dict) -> dict:
+    return dict(spec.as_dict(), detector=detector_name, **detector_settings, version=JOURNAL_VERSION)
 
 
 def align_folder(data_dir: str, out_dir: str, spec: AlignSpec, detector: Optional[FaceDetector] = None,
@@ -156,10 +156,11 @@ def align_folder(data_dir: str, out_dir: str, spec: AlignSpec, detector: Optiona
     bad = [(p, check.results[p].reason) for p in paths if not check.results[p].ok]
     good = [p for p in paths if check.results[p].ok]
 
-    detector_name = getattr(detector, "name", "mtcnn")
+    detector = detector if detector is not None else make_detector()
+    detector_name = getattr(detector, "name", type(detector).__name__)
     journal_path = os.path.join(out_dir, JOURNAL)
     settings, entries, runs = read_journal(journal_path)
-    wanted = _settings(spec, detector_name)
+    wanted = _settings(spec, detector_name, dict(getattr(detector, "settings", {})))
     if settings is not None and settings != wanted:
         raise UserError(f"--out {out_dir}: aligned before with other settings ({json.dumps(settings)}); "
                         f"use another --out, or the same settings to continue")
@@ -177,8 +178,6 @@ def align_folder(data_dir: str, out_dir: str, spec: AlignSpec, detector: Optiona
     run_id = uuid.uuid4().hex[:12]
     counts = {ALIGNED: 0, CENTER: 0, SKIPPED: 0}
     t_run = time.perf_counter()
-    if todo and detector is None:
-        detector = make_detector()
     pillow = [check.results[p].route == decode.ROUTE_PILLOW for p in todo]
     bar = tqdm(total=len(todo), unit="img", desc="align", disable=not progress, dynamic_ncols=True)
     interrupted = False
@@ -215,7 +214,7 @@ def align_folder(data_dir: str, out_dir: str, spec: AlignSpec, detector: Optiona
     this_run = {"processed": sum(counts.values()), "resumed": resumed, "aligned": counts[ALIGNED],
                 "center_cropped": counts[CENTER], "skipped": counts[SKIPPED],
                 "seconds": round(time.perf_counter() - t0, 3), "interrupted": interrupted}
-    report = build_report(data_dir, out_dir, spec, detector_name, len(paths), entries, bad, runs, this_run)
+    report = build_report(data_dir, out_dir, wanted, len(paths), entries, bad, runs, this_run)
     write_atomic(os.path.join(out_dir, REPORT), json.dumps(report, indent=1).encode("utf-8"))
     if interrupted:
         raise KeyboardInterrupt
