@@ -23,7 +23,7 @@ import statistics
 import tempfile
 import time
 
-from benchutil import write_result
+from benchutil import image_files, write_result
 
 LFW_IMAGES = 13233
 
@@ -46,10 +46,7 @@ def main(argv: list[str]) -> dict:
     from mobilenet_embed.align.similarity import estimate_similarity
     from mobilenet_embed.align.templates import template_points
 
-    if not os.path.isdir(args.data):
-        raise SystemExit(f"{args.data}: image folder not found (LFW lives in ../shared/data/lfw)")
-    paths = sorted(os.path.join(root, f) for root, _, files in os.walk(args.data) for f in files
-                   if f.lower().endswith((".jpg", ".jpeg", ".png")))[: args.images]
+    paths = image_files(args.data, args.images)
     work = tempfile.mkdtemp(prefix="bench_align_")
     raw = os.path.join(work, "raw")
     for p in paths:  # the same images as an identity folder (symbolic links)
