@@ -111,3 +111,15 @@ def test_align_spec_and_config_keys_are_validated():
         AlignSpec.from_data_config(load_config(None, []).data)
     with pytest.raises(UserError, match="data.align_template"):
         load_config(None, ["data.align_template=dlib"])
+
+
+@pytest.mark.parametrize("size", [96, 112, 160])
+def test_loose_crop_through_central_crop_0_8_is_the_arcface_framing(size):
+    import tensorflow as tf
+
+    from mobilenet_embed.data import central_crop_box
+
+    top, _, side, _ = (int(v) for v in central_crop_box(tf.constant(size), tf.constant(size), 0.8))
+    # preprocess_images: crop [top, top + side), bilinear resize with half-pixel centres to `size`
+    moved = (template_points("loose", size) - top + 0.5) * size / side - 0.5
+    assert np.abs(moved - template_points("arcface", size)).max() < 0.5

@@ -8,8 +8,9 @@ coordinates (pixel centres at integers, as OpenCV and insightface use).
   ``insightface/utils/face_align.py``), the framing of ArcFace / MS1M / glint crops: forehead to
   chin, little background.
 - ``loose``: the same points shrunk by 0.8 about the crop centre, a wider view (more forehead,
-  chin and cheeks). Its central 0.8 (``data.crop_fraction: 0.8``) is exactly the ``arcface``
-  framing, so random-crop augmentation inside it still keeps the whole face.
+  chin and cheeks). Its central 0.8 (``data.crop_fraction: 0.8``) is the ``arcface``
+  framing to within half a pixel (the crop box is rounded to whole pixels), so random-crop
+  augmentation inside it still keeps the whole face.
 
 For a crop of ``size`` pixels the 112-pixel points are scaled by ``size / 112`` (insightface
 itself shifts x by 8 px for its 128-pixel variant; mbembed scales uniformly at every size).
