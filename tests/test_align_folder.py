@@ -158,3 +158,22 @@ def test_aligned_batches_feed_the_model_preprocessing(raw, tmp_path):
         list(aligned_batches(cfg.data, [str(raw / "bob" / "broken.jpg")], detector=StandIn()))
     with pytest.raises(UserError, match="data.align_template"):
         list(aligned_batches(load_config(None, []).data, paths, detector=StandIn()))
+
+
+def test_config_and_aligned_folder_must_agree(raw, tmp_path):
+    from mobilenet_embed.align.folder import check_config_alignment
+    from mobilenet_embed.config import load_config
+
+    out = tmp_path / "aligned"
+    align_folder(str(raw), str(out), AlignSpec(size=32), StandIn(), progress=False, log=lambda *_: None)
+    base = ["data.source=folder", f"data.path={out}"]
+    assert check_config_alignment(load_config(None, base + ["data.align_template=arcface",
+                                                            "data.align_size=32"]).data) == []
+    with pytest.raises(UserError, match="data.align_size: 112, but .* size 32"):
+        check_config_alignment(load_config(None, base + ["data.align_template=arcface"]).data)
+    with pytest.raises(UserError, match="data.align_template: 'loose'"):
+        check_config_alignment(load_config(None, base + ["data.align_template=loose", "data.align_size=32"]).data)
+    notes = check_config_alignment(load_config(None, base).data)
+    assert len(notes) == 1 and "data.align_template=arcface data.align_size=32" in notes[0]
+    raw_cfg = load_config(None, ["data.source=folder", f"data.path={raw}", "data.align_template=arcface"])
+    assert "no align_report.json" in check_config_alignment(raw_cfg.data)[0]

@@ -219,3 +219,43 @@ def align_folder(data_dir: str, out_dir: str, spec: AlignSpec, detector: Optiona
     if interrupted:
         raise KeyboardInterrupt
     return report
+
+
+def alignment_of_folder(folder: str) -> Optional[dict]:
+    """The settings `mbembed align` recorded for the crops in `folder` (from its report, else its
+    journal), or None when `folder` was not made by `mbembed align`."""
+    try:
+        with open(os.path.join(folder, REPORT), encoding="utf-8") as fh:
+            return dict(json.load(fh)["settings"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    settings, _, _ = read_journal(os.path.join(folder, JOURNAL))
+    return settings
+
+
+def check_config_alignment(data_cfg) -> list[str]:
+    """Make the config and a folder made by `mbembed align` agree (train calls this before reading).
+
+    UserError when `data.path` holds crops of another template, size or face choice than
+    `data.align_*` say; a note (returned) when the config does not say its data are aligned
+    although they are, or says so for a folder `mbembed align` did not make.
+    """
+    if getattr(data_cfg, "source", None) != "folder" or not data_cfg.path:
+        return []
+    made = alignment_of_folder(data_cfg.path)
+    if made is None:
+        if data_cfg.align_template:
+            return [f"note: data.align_template is {data_cfg.align_template} but {data_cfg.path} has no "
+                    f"{REPORT}: it is taken on trust that these crops were aligned that way"]
+        return []
+    if not data_cfg.align_template:
+        return [f"note: {data_cfg.path} holds crops aligned by mbembed align ({made.get('template')}, "
+                f"{made.get('size')} px) but data.align_template is null; set data.align_template="
+                f"{made.get('template')} data.align_size={made.get('size')} so that eval and export can "
+                f"align raw photos the same way"]
+    for key in ("template", "size", "select"):
+        ours = getattr(data_cfg, f"align_{key}")
+        if made.get(key) != ours:
+            raise UserError(f"data.align_{key}: {ours!r}, but {data_cfg.path} was aligned with {key} "
+                            f"{made.get(key)!r} ({REPORT}); make them agree")
+    return []
