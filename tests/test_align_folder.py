@@ -177,3 +177,15 @@ def test_config_and_aligned_folder_must_agree(raw, tmp_path):
     assert len(notes) == 1 and "data.align_template=arcface data.align_size=32" in notes[0]
     raw_cfg = load_config(None, ["data.source=folder", f"data.path={raw}", "data.align_template=arcface"])
     assert "no align_report.json" in check_config_alignment(raw_cfg.data)[0]
+
+
+def test_training_refuses_a_config_that_disagrees_with_its_aligned_folder(raw, tmp_path):
+    from mobilenet_embed.config import load_config
+    from mobilenet_embed.train import _load_data
+
+    out = tmp_path / "aligned"
+    align_folder(str(raw), str(out), AlignSpec(size=32), StandIn(), progress=False, log=lambda *_: None)
+    cfg = load_config(None, ["data.source=folder", f"data.path={out}", "data.align_template=loose",
+                             "data.align_size=32"])
+    with pytest.raises(UserError, match="data.align_template"):
+        _load_data(cfg, log=lambda *_: None)
