@@ -113,6 +113,12 @@ def test_resume_does_not_redo_done_files(raw, tmp_path):
     det = StandIn()
     again = align_folder(str(raw), str(out), spec, det, batch_size=2, progress=False, log=lambda *_: None)
     assert det.calls == 0 and again["aligned"] == 4 and again["this_run"]["processed"] == 0
+    Image.fromarray(_textured(9)).save(raw / "ann" / "a1.png")  # replaced since: aligned again
+    os.utime(raw / "ann" / "a1.png", ns=(1, 1))
+    os.remove(raw / "ann" / "a3.bmp")  # removed since: no longer counted
+    det = StandIn()
+    third = align_folder(str(raw), str(out), spec, det, batch_size=2, progress=False, log=lambda *_: None)
+    assert det.images == 1 and third["aligned"] == 3 and third["images"] == 5
 
 
 def test_refuses_other_settings_and_out_inside_data(raw, tmp_path):

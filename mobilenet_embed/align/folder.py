@@ -11,10 +11,11 @@ Bad files get the `mbembed data check` treatment: every file is decode-checked f
 with their reason and not written.
 
 **Resumable.** Each output is written to a hidden temporary file and renamed into place, then
-recorded in ``OUT/align_journal.jsonl`` (one JSON line per image: file, status, faces; after
-each batch one line with the run's elapsed time). A run started again reads the journal and
-skips every file already recorded, so a killed run continues where it stopped; a file written
-but not yet journaled is simply done again. The first line records the settings; resuming with
+recorded in ``OUT/align_journal.jsonl`` (one JSON line per image: file, status, faces, the
+source's size and mtime; after each batch one line with the run's elapsed time). A run started
+again reads the journal and skips every file recorded with its current size and mtime, so a
+killed run continues where it stopped, and a source file replaced since is aligned again; a
+file written but not yet journaled is simply done again. The first line records the settings; resuming with
 other settings is refused. ``OUT/align_report.json`` is recomputed from the whole journal at
 the end of every run (counts over all runs, time summed over runs).
 """
@@ -165,7 +166,8 @@ def align_folder(data_dir: str, out_dir: str, spec: AlignSpec, detector: Optiona
         raise UserError(f"--out {out_dir}: aligned before with other settings ({json.dumps(settings)}); "
                         f"use another --out, or the same settings to continue")
     rel = {p: os.path.relpath(p, data_dir) for p in good}
-    todo = [p for p in good if rel[p] not in entries]
+    stat = {p: list(stats.get(p, (0, 0))) for p in good}
+    todo = [p for p in good if entries.get(rel[p], {}).get("stat") != stat[p]]  # new, or changed since
     resumed = len(good) - len(todo)
     log(f"align: {len(paths):,} images of {len(files):,} identities in {data_dir}"
         + (f" ({ignored:,} other files ignored)" if ignored else ""))
@@ -198,7 +200,7 @@ def align_folder(data_dir: str, out_dir: str, spec: AlignSpec, detector: Optiona
                         os.makedirs(os.path.dirname(target), exist_ok=True)
                         write_atomic(target, encode_image(result.image, out_rel))
                     entry = {"file": rel[path], "status": result.status, "faces": result.faces,
-                             "out": out_rel if result.image is not None else None}
+                             "out": out_rel if result.image is not None else None, "stat": stat[path]}
                     entries[rel[path]] = entry
                     counts[result.status] += 1
                     lines.append(json.dumps(entry))
@@ -214,7 +216,9 @@ def align_folder(data_dir: str, out_dir: str, spec: AlignSpec, detector: Optiona
     this_run = {"processed": sum(counts.values()), "resumed": resumed, "aligned": counts[ALIGNED],
                 "center_cropped": counts[CENTER], "skipped": counts[SKIPPED],
                 "seconds": round(time.perf_counter() - t0, 3), "interrupted": interrupted}
-    report = build_report(data_dir, out_dir, wanted, len(paths), entries, bad, runs, this_run)
+    current = {rel[p] for p in good}  # files removed from --data (or unreadable now) no longer count
+    report = build_report(data_dir, out_dir, wanted, len(paths),
+                          {k: e for k, e in entries.items() if k in current}, bad, runs, this_run)
     write_atomic(os.path.join(out_dir, REPORT), json.dumps(report, indent=1).encode("utf-8"))
     if interrupted:
         raise KeyboardInterrupt
