@@ -15,7 +15,8 @@ recorded in ``OUT/align_journal.jsonl`` (one JSON line per image: file, status, 
 source's size and mtime; after each batch one line with the run's elapsed time). A run started
 again reads the journal and skips every file recorded with its current size and mtime, so a
 killed run continues where it stopped, and a source file replaced since is aligned again; a
-file written but not yet journaled is simply done again. The first line records the settings; resuming with
+file written but not yet journaled is simply done again, and temporary files a kill left
+behind are deleted. The first line records the settings; resuming with
 other settings is refused. ``OUT/align_report.json`` is recomputed from the whole journal at
 the end of every run (counts over all runs, time summed over runs).
 """
@@ -25,6 +26,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import time
 import uuid
 from typing import Callable, Optional
@@ -64,6 +66,17 @@ def write_atomic(path: str, data: bytes) -> None:
     with open(tmp, "wb") as fh:
         fh.write(data)
     os.replace(tmp, path)
+
+
+def remove_stale_temporaries(out_dir: str) -> int:
+    """Delete the hidden temporary files (``.NAME.tmp-PID``) a killed run left in `out_dir`."""
+    removed = 0
+    for folder, _, names in os.walk(out_dir):
+        for name in names:
+            if name.startswith(".") and re.search(r"\.tmp-\d+$", name):
+                os.remove(os.path.join(folder, name))
+                removed += 1
+    return removed
 
 
 def read_journal(path: str) -> tuple[Optional[dict], dict, dict]:
@@ -177,6 +190,7 @@ def align_folder(data_dir: str, out_dir: str, spec: AlignSpec, detector: Optiona
         log(f"resuming: {resumed:,} images already done in {out_dir}, {len(todo):,} to go")
 
     os.makedirs(out_dir, exist_ok=True)
+    remove_stale_temporaries(out_dir)
     run_id = uuid.uuid4().hex[:12]
     counts = {ALIGNED: 0, CENTER: 0, SKIPPED: 0}
     t_run = time.perf_counter()
