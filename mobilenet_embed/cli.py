@@ -111,6 +111,10 @@ main.add_command(data_group)
 main.add_command(prepare)
 main.add_command(eval_command)
 
+from mobilenet_embed.commands.align import align  # noqa: E402
+
+main.add_command(align)
+
 
 def run() -> None:
     """Console-script entry point."""

@@ -16,6 +16,7 @@ from typing import Any, Callable, Optional
 
 import yaml
 
+from mobilenet_embed.align.templates import TEMPLATE_NAMES
 from mobilenet_embed.errors import UserError
 
 
@@ -61,6 +62,9 @@ class DataConfig:
     check_cache: Optional[str] = _spec("~/.cache/mbembed", doc="folder remembering decode checks by (path, size, mtime); null: check every file every time")
     synthetic_seed: int = _spec(0, low=0, doc="synthetic source: seed of the identities and their images")
     synthetic_nuisance: float = _spec(1.0, low=0.0, doc="synthetic source: nuisance strength (shift, scale, rotation, light, noise); 0: none")
+    align_template: Optional[str] = _spec(None, choices=TEMPLATE_NAMES, doc="the data are face crops aligned to this landmark template by `mbembed align` (eval / export --align align raw photos the same way); null: not aligned")
+    align_size: int = _spec(112, low=16, doc="side in pixels of the aligned crops (data.align_template)")
+    align_select: str = _spec("center", choices=("center", "largest"), doc="aligning: the face kept when there are several (nearest the image centre, or largest)")
 
 
 @dataclass

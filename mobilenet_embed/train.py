@@ -319,8 +319,11 @@ def _validation_pairs(cfg: Config, index, log: Callable[[str], None]) -> tuple[A
 
 
 def _load_data(cfg: Config, log: Callable[[str], None]) -> _Data:
+    from mobilenet_embed.align.folder import check_config_alignment
     from mobilenet_embed.data import build_index
 
+    for note in check_config_alignment(cfg.data):  # data.align_* must agree with mbembed align's report
+        log(note)
     index, report = build_index(cfg.data, check=True)
     lines = list(report.summary_lines())
     train_index, pairs, source = _validation_pairs(cfg, index, log)

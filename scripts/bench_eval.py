@@ -15,7 +15,7 @@ import argparse
 import os
 import time
 
-from benchutil import write_result
+from benchutil import image_files, write_result
 
 
 def main(argv: list[str]) -> dict:
@@ -39,10 +39,7 @@ def main(argv: list[str]) -> dict:
     from mobilenet_embed.verification import embed_paths
     from mobilenet_embed.model import build_embedding_model
 
-    if not os.path.isdir(args.data):
-        raise SystemExit(f"{args.data}: image folder not found (LFW lives in ../shared/data/lfw)")
-    paths = sorted(os.path.join(root, f) for root, _, files in os.walk(args.data) for f in files
-                   if f.lower().endswith((".jpg", ".jpeg", ".png")))[: args.images]
+    paths = image_files(args.data, args.images)
     cfg = load_config(None, ["data.source=folder", f"data.path={args.data}", f"data.image_size={args.image_size}",
                              f"data.crop_fraction={args.crop_fraction}"])
     check_files(paths, cfg.data.check_cache)  # fill the decode-check cache first: not part of what is timed

@@ -1,4 +1,4 @@
-"""What every benchmark of scripts/bench.py shares: writing its result as JSON."""
+"""What the benchmarks of scripts/bench.py share: writing the result as JSON, listing image files."""
 
 from __future__ import annotations
 
@@ -13,3 +13,11 @@ def write_result(path: str, result: dict) -> None:
     with open(path, "w", encoding="utf-8") as fh:
         json.dump(result, fh, indent=1)
     print(f"wrote {path}")
+
+
+def image_files(folder: str, limit: int) -> list:
+    """The first `limit` JPEG / PNG files below `folder`, sorted by path; exits when it is missing."""
+    if not os.path.isdir(folder):
+        raise SystemExit(f"{folder}: image folder not found (LFW lives in ../shared/data/lfw)")
+    return sorted(os.path.join(root, f) for root, _, files in os.walk(folder) for f in files
+                  if f.lower().endswith((".jpg", ".jpeg", ".png")))[:limit]
