@@ -10,7 +10,7 @@ import importlib
 import os
 import sys
 
-NAMES = ("losses", "data", "train", "eval", "export", "distribute", "align")
+NAMES = ("losses", "data", "train", "eval", "export", "distribute", "align", "scale")
 
 
 def main(argv: list[str]) -> int:
