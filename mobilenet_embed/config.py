@@ -147,6 +147,16 @@ class Config:
 
 SECTIONS = ("data", "model", "loss", "train", "eval", "export")
 
+# Top-level blocks a run's saved config.yaml records beside the settings (`train` writes the
+# versions it ran with). They are accepted by name and ignored for the config values, so that
+# a run's config.yaml is itself a valid --config file.
+RECORDED_KEYS = ("versions",)
+
+
+def _settings(data: dict) -> dict:
+    """`data` without the recorded (non-setting) top-level blocks."""
+    return {k: v for k, v in data.items() if k not in RECORDED_KEYS}
+
 
 def _describe(value: Any) -> str:
     return repr(value)
@@ -297,7 +307,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
             data = {}
         if not isinstance(data, dict):
             raise UserError(f"{source}: expected a mapping of sections at the top level, received {_describe(data)}")
-        _apply(cfg, data, "", source)
+        _apply(cfg, _settings(data), "", source)
     for text in overrides:
         key, value = parse_override(text)
         _apply(cfg, _nest(key, value), "", "--set")
@@ -313,7 +323,7 @@ def config_to_dict(cfg: Config) -> dict:
 def config_from_dict(data: dict, source: str = "config") -> Config:
     """Rebuild a validated config from `config_to_dict` output (e.g. a run's saved config.yaml)."""
     cfg = Config()
-    _apply(cfg, {k: v for k, v in data.items() if k != "versions"}, "", source)
+    _apply(cfg, _settings(data), "", source)
     _check_consistency(cfg, source)
     return cfg
 
