@@ -36,6 +36,7 @@ replicas and workers hold the same ones.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -388,7 +389,19 @@ def train(cfg: Config, run_dir: Optional[str] = None, fresh: bool = False, force
     from mobilenet_embed import distribute
 
     strategy = distribute.make_strategy(tcfg.strategy)  # first: MultiWorkerMirroredStrategy needs it
+    from mobilenet_embed.runlock import RunLock
 
+    lock = RunLock(run_dir, log=lambda text: print(text, file=out, flush=True))  # the chief's alone
+    with lock if distribute.worker_info(strategy).is_chief else contextlib.nullcontext():
+        return _train_locked(cfg, run_dir, fresh, force, out, t_start, strategy)
+
+
+def _train_locked(cfg: Config, run_dir: str, fresh: bool, force: bool, out: IO[str], t_start: float,
+                  strategy) -> TrainResult:
+    """The body of `train`, run while the chief holds the run directory's lock."""
+    from mobilenet_embed import distribute
+
+    tcfg = cfg.train
     import keras
     import tensorflow as tf
 
