@@ -528,7 +528,8 @@ def _train_locked(cfg: Config, run_dir: str, fresh: bool, force: bool, out: IO[s
                                  distance=cfg.eval.distance)
         seconds = time.perf_counter() - t0
         scalars = {k: float(metrics[k]) for k in ("accuracy", "accuracy_std", "val", "val_std", "far", "auc",
-                                                   "eer", "threshold") if k in metrics}
+                                                   "eer", "threshold", "far_target", "val_defined",
+                                                   "val_different_pairs_needed") if k in metrics}
         scalars["step"] = step
         log.log_validation(step, scalars, seconds, len(data.val_pairs))
         last_val = scalars

@@ -346,3 +346,18 @@ def test_modules_do_not_import_tensorflow_or_matplotlib():
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
+
+
+def test_val_at_far_is_marked_undefined_with_too_few_different_pairs():
+    from mobilenet_embed.metrics import val_pairs_needed, val_text
+
+    rng = np.random.default_rng(0)
+    d, s = blocks(2, rng.normal(0.8, 0.3, 10).clip(0, 3), rng.normal(1.6, 0.3, 10).clip(0, 3))
+    few = verification_metrics(d, s, n_folds=2, far_target=1e-3)  # 20 pairs, 5 different per train fold
+    assert val_pairs_needed(1e-3) == 1000 and val_pairs_needed(0.1) == 10
+    assert few["val_defined"] is False and few["val_different_pairs_needed"] == 1000
+    assert val_text(few) == "VAL@FAR=0.001 n/a (needs >= 1,000 different pairs)"
+    json.loads(json.dumps(to_jsonable(few)))  # metrics.json stays valid
+    enough = verification_metrics(d, s, n_folds=2, far_target=0.2)  # 5 different pairs: FAR 1/5 measurable
+    assert enough["val_defined"] is True
+    assert val_text(enough) == f"VAL {enough['val']:.4f} @ FAR {enough['far']:.4f}"
