@@ -82,6 +82,7 @@ class TrainResult:
     interrupted: bool
     paths: dict
     model: Any = field(default=None, repr=False, compare=False)
+    val_source: str = "none"  # where validation pairs come from ("none": not configured)
 
     def summary_lines(self) -> list[str]:
         lines = []
@@ -97,7 +98,8 @@ class TrainResult:
             b = self.best_validation
             lines.append(f"best validation accuracy {b['accuracy']:.4f} at step {self.best_step}")
         if not self.final_validation and not self.best_validation:
-            lines.append("no validation (set eval.pairs or data.val_identities > 0)")
+            lines.append("no validation (set eval.pairs or data.val_identities > 0)" if self.val_source == "none"
+                         else f"no validation yet ({self.val_source}; the run stopped before the first one)")
         for key in ("model", "best_checkpoint", "checkpoints", "tensorboard", "metrics", "config"):
             if self.paths.get(key):
                 lines.append(f"{key.replace('_', ' ')}: {self.paths[key]}")
@@ -335,6 +337,14 @@ def _validation_pairs(cfg: Config, index, log: Callable[[str], None]) -> tuple[A
     possible_diff = (sum(sizes) ** 2 - sum(n * n for n in sizes)) // 2
     n_pairs = min(cfg.train.val_pairs // 2, possible_same, possible_diff)
     n_pairs -= n_pairs % folds
+    if len(by_identity) < 2:  # different pairs need two held-out identities
+        n_total = len(index.identities)
+        advice = (f"raise data.val_identities to at least {2 / n_total:.3g} (2 of {n_total} identities)"
+                  if n_total - 2 >= cfg.train.identities_per_batch else
+                  f"the {n_total} identities are too few to hold two out beside train.identities_per_batch "
+                  f"({cfg.train.identities_per_batch}): set data.val_identities to 0 or give eval.pairs")
+        raise UserError(f"data.val_identities: {len(by_identity)} held-out identity gives no different "
+                        f"pairs for validation; {advice}")
     if n_pairs < folds:
         raise UserError(f"data.val_identities: the {len(by_identity)} held-out identities "
                         f"({sum(sizes)} images) give too few pairs for {folds}-fold validation; "
@@ -653,7 +663,8 @@ def _train_locked(cfg: Config, run_dir: str, fresh: bool, force: bool, out: IO[s
     result = TrainResult(run_dir=run_dir, steps=step, steps_this_run=steps_done,
                          seconds=time.perf_counter() - t_start, images_per_second=images_per_second,
                          final_validation=last_val, best_validation=best_metrics, best_step=best_step,
-                         resumed_from=resumed_from, interrupted=interrupted, paths=paths, model=model)
+                         resumed_from=resumed_from, interrupted=interrupted, paths=paths, model=model,
+                         val_source=data.val_source)
     if chief:
         tmp = os.path.join(run_dir, "summary.json.tmp")
         with open(tmp, "w", encoding="utf-8") as fh:
