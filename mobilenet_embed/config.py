@@ -8,6 +8,7 @@ starts, with one line naming the file, the dotted key and what was received.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -155,9 +156,57 @@ class Config:
 
 SECTIONS = ("data", "model", "loss", "train", "eval", "export")
 
+# Top-level blocks a run's saved config.yaml records beside the settings (`train` writes the
+# versions it ran with). They are accepted by name and ignored for the config values, so that
+# a run's config.yaml is itself a valid --config file.
+RECORDED_KEYS = ("versions",)
+
+
+def _settings(data: dict) -> dict:
+    """`data` without the recorded (non-setting) top-level blocks."""
+    return {k: v for k, v in data.items() if k not in RECORDED_KEYS}
+
+
+# The largest integer any key takes: an int32, so that step counts and sizes fit every tensor.
+INT_MAX = 2**31 - 1
+
+
+class StrictSafeLoader(yaml.SafeLoader):
+    """PyYAML's SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last
+    silently), naming the line of the duplicate and of the first occurrence."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.setdefault(key, key_node.start_mark.line + 1)
+            except TypeError:  # an unhashable key: SafeLoader's own error follows
+                continue
+            if first != key_node.start_mark.line + 1:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key '{key}' (first given on line {first})", key_node.start_mark)
+        return super().construct_mapping(node, deep=deep)
+
+
+def parse_yaml(stream: Any) -> Any:
+    """YAML text or file -> Python values, refusing duplicate keys (see `StrictSafeLoader`)."""
+    return yaml.load(stream, Loader=StrictSafeLoader)  # noqa: S506 - a SafeLoader subclass
+
 
 def _describe(value: Any) -> str:
     return repr(value)
+
+
+def _non_finite(value: Any) -> bool:
+    """True when `value` is, or a list holds (at any depth), a NaN or infinite float."""
+    if isinstance(value, float):
+        return not math.isfinite(value)
+    if isinstance(value, list):
+        return any(_non_finite(v) for v in value)
+    return False
 
 
 def _expected(tp: Any, meta: dict) -> str:
@@ -195,12 +244,19 @@ def _coerce(value: Any, tp: Any, meta: dict, where: str) -> Any:
     def fail() -> None:
         raise UserError(f"{where}: expected {_expected(declared, meta)}, received {_describe(received)}")
 
+    if _non_finite(value):
+        raise UserError(f"{where}: expected {_expected(declared, meta)} (not NaN or infinite), "
+                        f"received {_describe(received)}")
+
     if tp is bool:
         if not isinstance(value, bool):
             fail()
     elif tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             fail()
+        if abs(value) > INT_MAX:
+            raise UserError(f"{where}: expected {_expected(declared, meta)} and at most {INT_MAX:,}, "
+                            f"received {_describe(received)}")
     elif tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             fail()
@@ -249,19 +305,22 @@ def _apply(obj: Any, updates: dict, prefix: str, source: str) -> None:
             setattr(obj, key, _coerce(value, tp, fields[key].metadata, f"{source}: {dotted}"))
 
 
-def _check_consistency(cfg: Config, source: str) -> None:
-    """Rules that tie several keys together."""
+def _check_consistency(cfg: Config, source: str | None) -> None:
+    """Rules that tie several keys together; `source` is the config file, None without one."""
     if cfg.data.source in ("folder", "tfrecord") and not cfg.data.path:
-        raise UserError(f"{source}: data.path: required when data.source is '{cfg.data.source}', received None")
+        where = f"{source}: " if source is not None else ""
+        how = "set it in the file or give --set data.path=..." if source is not None else \
+            "give --config FILE or --set data.path=..."
+        raise UserError(f"{where}data.path: required when data.source is '{cfg.data.source}' ({how})")
     if cfg.train.lr_schedule == "piecewise":
         sched = cfg.train.lr_piecewise
         ok = bool(sched) and all(isinstance(p, list) and len(p) == 2 and all(
             isinstance(x, (int, float)) and not isinstance(x, bool) for x in p) for p in sched)
         if not ok:
-            raise UserError(f"{source}: train.lr_piecewise: expected [[epoch, lr], ...] when "
+            raise UserError(f"{source or '--set'}: train.lr_piecewise: expected [[epoch, lr], ...] when "
                             f"train.lr_schedule is 'piecewise', received {_describe(sched)}")
     if not cfg.export.formats:
-        raise UserError(f"{source}: export.formats: expected at least one format, received []")
+        raise UserError(f"{source or '--set'}: export.formats: expected at least one format, received []")
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -269,8 +328,10 @@ def parse_override(text: str) -> tuple[str, Any]:
     if "=" not in text:
         raise UserError(f"--set {text}: expected key=value, e.g. train.epochs=3")
     key, raw = text.split("=", 1)
+    if not key.strip():
+        raise UserError(f"--set {text}: expected KEY=VALUE with a non-empty key, e.g. train.epochs=3")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = parse_yaml(raw) if raw.strip() else None
     except yaml.YAMLError as exc:
         raise UserError(f"--set {text}: value is not valid YAML ({exc.__class__.__name__})") from None
     return key.strip(), value
@@ -286,14 +347,14 @@ def _nest(dotted: str, value: Any) -> dict:
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Defaults, then the YAML file at `path` (if any), then each `key=value` override in order."""
     cfg = Config()
-    source = "defaults"
+    source = None
     if path is not None:
         source = str(path)
         if not os.path.isfile(path):
             raise UserError(f"{source}: config file not found")
         try:
             with open(path, encoding="utf-8") as fh:
-                data = yaml.safe_load(fh)
+                data = parse_yaml(fh)
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             where = f"{source}:{mark.line + 1}" if mark is not None else source
@@ -305,7 +366,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
             data = {}
         if not isinstance(data, dict):
             raise UserError(f"{source}: expected a mapping of sections at the top level, received {_describe(data)}")
-        _apply(cfg, data, "", source)
+        _apply(cfg, _settings(data), "", source)
     for text in overrides:
         key, value = parse_override(text)
         _apply(cfg, _nest(key, value), "", "--set")
@@ -321,7 +382,7 @@ def config_to_dict(cfg: Config) -> dict:
 def config_from_dict(data: dict, source: str = "config") -> Config:
     """Rebuild a validated config from `config_to_dict` output (e.g. a run's saved config.yaml)."""
     cfg = Config()
-    _apply(cfg, {k: v for k, v in data.items() if k != "versions"}, "", source)
+    _apply(cfg, _settings(data), "", source)
     _check_consistency(cfg, source)
     return cfg
 

@@ -53,6 +53,7 @@ on the same embeddings, up to the grid.)
 
 from __future__ import annotations
 
+import math
 from typing import Any, Iterable, Optional
 
 import numpy as np
@@ -263,6 +264,22 @@ def _per_fold(dist: np.ndarray, same: np.ndarray, folds: list, grid: np.ndarray,
     return tprs, fprs, accuracy, best_thresholds, val, far, val_thresholds_used
 
 
+def val_pairs_needed(far_target: float) -> int:
+    """Different pairs the threshold-choosing folds need for a FAR of `far_target` to be
+    measurable at all: one false accept among N different pairs is a FAR of 1/N."""
+    return int(math.ceil(1.0 / far_target - 1e-9)) if far_target > 0 else 0
+
+
+def val_text(metrics: dict) -> str:
+    """``VAL 0.9800 @ FAR 0.0010``, or ``VAL@FAR=0.001 n/a (needs >= 1000 different pairs)`` when
+    the threshold-choosing folds hold too few different pairs for that FAR (then the numbers
+    in `metrics` are those of the coarsest FAR the pairs allow, not of the target)."""
+    if metrics.get("val_defined", True):
+        return f"VAL {metrics['val']:.4f} @ FAR {metrics['far']:.4f}"
+    return (f"VAL@FAR={metrics['far_target']:g} n/a (needs >= {int(metrics['val_different_pairs_needed']):,} "
+            "different pairs)")
+
+
 def verification_metrics(
     distances: Iterable[float],
     issame: Iterable[bool],
@@ -286,6 +303,9 @@ def verification_metrics(
     * ``fold_accuracies``, ``fold_thresholds``: per fold (lists of float);
     * ``val``, ``val_std``, ``far``: VAL@FAR means (VAL's std); ``far_target``;
     * ``fold_vals``, ``fold_fars``, ``fold_val_thresholds``: per fold;
+    * ``val_defined``: whether every fold's threshold-choosing folds hold at least
+      ``val_different_pairs_needed`` (= ceil(1 / far_target)) different pairs; when not, VAL and
+      FAR are what the pairs allow, not VAL at the target (`val_text` says "n/a");
     * ``auc``, ``eer``;
     * ``tpr``, ``fpr``, ``thresholds``: the ROC, NumPy arrays over the accuracy grid;
     * ``distance``, ``n_folds``, ``n_pairs``, ``n_same``, ``n_diff``.
@@ -304,6 +324,7 @@ def verification_metrics(
     folds = fold_indices(len(dist), n_folds)
     tprs, fprs, accuracy, best_thresholds, val, far, val_thresholds_used = _per_fold(
         dist, same, folds, grid, val_grid, far_target)
+    train_diff = [int(np.count_nonzero(~same[train])) for train, _ in folds]
 
     tpr = np.mean(tprs, 0)
     fpr = np.mean(fprs, 0)
@@ -327,6 +348,8 @@ def verification_metrics(
         "fold_vals": [float(v) for v in val],
         "fold_fars": [float(f) for f in far],
         "fold_val_thresholds": [float(t) for t in val_thresholds_used],
+        "val_different_pairs_needed": val_pairs_needed(far_target),
+        "val_defined": bool(min(train_diff) >= val_pairs_needed(far_target)),
         "auc": float(sk_auc(fpr, tpr)),
         "eer": equal_error_rate(fpr, tpr),
         "tpr": tpr,

@@ -15,6 +15,7 @@ import keras
 from keras import layers
 
 from mobilenet_embed.errors import UserError
+from mobilenet_embed.layers import L2Normalization
 
 if TYPE_CHECKING:
     from mobilenet_embed.config import ModelConfig
@@ -75,7 +76,7 @@ def build_embedding_model(image_size: int = 160, alpha: float = 1.0, depth_multi
     x = layers.Dense(embedding_size, use_bias=False, dtype="float32", name="bottleneck")(x)
     x = layers.BatchNormalization(momentum=0.99, epsilon=1e-5, scale=False, dtype="float32",
                                   name="bottleneck_bn")(x)
-    outputs = layers.UnitNormalization(axis=-1, dtype="float32", name=EMBEDDING_LAYER)(x)
+    outputs = L2Normalization(axis=-1, dtype="float32", name=EMBEDDING_LAYER)(x)
     return keras.Model(inputs, outputs, name=name)
 
 

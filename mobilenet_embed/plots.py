@@ -21,6 +21,35 @@ def _far_floor(fpr: np.ndarray, far: Optional[float]) -> float:
     return min(1e-4, 10.0 ** math.floor(math.log10(smallest)))
 
 
+def wrap_title(title: str, width: int = 60, max_lines: int = 3) -> str:
+    """`title` in lines of at most `width` characters (long words, e.g. paths, broken too);
+    beyond `max_lines`, the middle is elided with '...' so that start and end stay readable."""
+    import textwrap
+
+    lines = textwrap.wrap(title, width=width, break_long_words=True, break_on_hyphens=False) or [""]
+    if len(lines) > max_lines:
+        keep = max_lines * width - 3
+        flat = " ".join(lines)
+        lines = textwrap.wrap(flat[: keep // 2] + "..." + flat[-(keep - keep // 2):], width=width,
+                              break_long_words=True, break_on_hyphens=False)[:max_lines]
+    return "\n".join(lines)
+
+
+def _fit_title(fig, ax, title: str) -> None:
+    """Set a wrapped title, lay the figure out, and shrink the title's font until it lies
+    inside the figure (a long run name or path would otherwise be cut off)."""
+    text = ax.set_title(wrap_title(title))
+    size = text.get_fontsize()
+    for _ in range(8):
+        fig.tight_layout()
+        renderer = fig.canvas.get_renderer()
+        box, frame = text.get_window_extent(renderer), fig.bbox
+        if box.x0 >= frame.x0 and box.x1 <= frame.x1 and box.y1 <= frame.y1:
+            return
+        size *= 0.85
+        text.set_fontsize(size)
+
+
 def plot_roc(
     fpr: Sequence[float],
     tpr: Sequence[float],
@@ -77,10 +106,9 @@ def plot_roc(
     ax.set_ylim(0.0, 1.01)
     ax.set_xlabel("false accept rate (FAR)")
     ax.set_ylabel("true accept rate (TAR / VAL)")
-    ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(loc="lower right", fontsize=9)
-    fig.tight_layout()
+    _fit_title(fig, ax, title)
     folder = os.path.dirname(os.path.abspath(str(path)))
     os.makedirs(folder, exist_ok=True)
     fig.savefig(str(path), format="png")

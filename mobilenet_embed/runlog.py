@@ -200,7 +200,9 @@ class RunLog:
         line = (f"validation step {step} epoch {self.epoch_of(step)}: accuracy "
                 f"{values.get('accuracy', float('nan')):.4f} +- {values.get('accuracy_std', float('nan')):.4f}")
         if "val" in values:
-            line += f", VAL {values['val']:.4f} @ FAR {values.get('far', float('nan')):.4f}"
+            from mobilenet_embed.metrics import val_text
+
+            line += ", " + val_text({**metrics, **values})
         if "auc" in values:
             line += f", AUC {values['auc']:.4f}"
         line += f" ({n_pairs} pairs, {seconds:.1f} s)"

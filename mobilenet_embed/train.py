@@ -36,6 +36,7 @@ replicas and workers hold the same ones.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -80,6 +81,7 @@ class TrainResult:
     interrupted: bool
     paths: dict
     model: Any = field(default=None, repr=False, compare=False)
+    val_source: str = "none"  # where validation pairs come from ("none": not configured)
 
     def summary_lines(self) -> list[str]:
         lines = []
@@ -95,7 +97,8 @@ class TrainResult:
             b = self.best_validation
             lines.append(f"best validation accuracy {b['accuracy']:.4f} at step {self.best_step}")
         if not self.final_validation and not self.best_validation:
-            lines.append("no validation (set eval.pairs or data.val_identities > 0)")
+            lines.append("no validation (set eval.pairs or data.val_identities > 0)" if self.val_source == "none"
+                         else f"no validation yet ({self.val_source}; the run stopped before the first one)")
         for key in ("model", "best_checkpoint", "checkpoints", "tensorboard", "metrics", "config"):
             if self.paths.get(key):
                 lines.append(f"{key.replace('_', ' ')}: {self.paths[key]}")
@@ -307,6 +310,14 @@ def _validation_pairs(cfg: Config, index, log: Callable[[str], None]) -> tuple[A
     possible_diff = (sum(sizes) ** 2 - sum(n * n for n in sizes)) // 2
     n_pairs = min(cfg.train.val_pairs // 2, possible_same, possible_diff)
     n_pairs -= n_pairs % folds
+    if len(by_identity) < 2:  # different pairs need two held-out identities
+        n_total = len(index.identities)
+        advice = (f"raise data.val_identities to at least {2 / n_total:.3g} (2 of {n_total} identities)"
+                  if n_total - 2 >= cfg.train.identities_per_batch else
+                  f"the {n_total} identities are too few to hold two out beside train.identities_per_batch "
+                  f"({cfg.train.identities_per_batch}): set data.val_identities to 0 or give eval.pairs")
+        raise UserError(f"data.val_identities: {len(by_identity)} held-out identity gives no different "
+                        f"pairs for validation; {advice}")
     if n_pairs < folds:
         raise UserError(f"data.val_identities: the {len(by_identity)} held-out identities "
                         f"({sum(sizes)} images) give too few pairs for {folds}-fold validation; "
@@ -364,7 +375,19 @@ def train(cfg: Config, run_dir: Optional[str] = None, fresh: bool = False, force
     from mobilenet_embed import distribute
 
     strategy = distribute.make_strategy(tcfg.strategy)  # first: MultiWorkerMirroredStrategy needs it
+    from mobilenet_embed.runlock import RunLock
 
+    lock = RunLock(run_dir, log=lambda text: print(text, file=out, flush=True))  # the chief's alone
+    with lock if distribute.worker_info(strategy).is_chief else contextlib.nullcontext():
+        return _train_locked(cfg, run_dir, fresh, force, out, t_start, strategy)
+
+
+def _train_locked(cfg: Config, run_dir: str, fresh: bool, force: bool, out: IO[str], t_start: float,
+                  strategy) -> TrainResult:
+    """The body of `train`, run while the chief holds the run directory's lock."""
+    from mobilenet_embed import distribute
+
+    tcfg = cfg.train
     import keras
     import tensorflow as tf
 
@@ -489,7 +512,8 @@ def train(cfg: Config, run_dir: Optional[str] = None, fresh: bool = False, force
                                  distance=cfg.eval.distance)
         seconds = time.perf_counter() - t0
         scalars = {k: float(metrics[k]) for k in ("accuracy", "accuracy_std", "val", "val_std", "far", "auc",
-                                                   "eer", "threshold") if k in metrics}
+                                                   "eer", "threshold", "far_target", "val_defined",
+                                                   "val_different_pairs_needed") if k in metrics}
         scalars["step"] = step
         log.log_validation(step, scalars, seconds, len(data.val_pairs))
         last_val = scalars
@@ -610,7 +634,8 @@ def train(cfg: Config, run_dir: Optional[str] = None, fresh: bool = False, force
     result = TrainResult(run_dir=run_dir, steps=step, steps_this_run=steps_done,
                          seconds=time.perf_counter() - t_start, images_per_second=images_per_second,
                          final_validation=last_val, best_validation=best_metrics, best_step=best_step,
-                         resumed_from=resumed_from, interrupted=interrupted, paths=paths, model=model)
+                         resumed_from=resumed_from, interrupted=interrupted, paths=paths, model=model,
+                         val_source=data.val_source)
     if chief:
         atomic.write_json(os.path.join(run_dir, "summary.json"), result.to_json(), indent=1)
     return result

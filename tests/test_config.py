@@ -65,6 +65,18 @@ def test_every_key_is_documented():
     ("data:\n  source: folder\n", "x.yaml: data.path: required when data.source is 'folder'"),
     ("train: [\n", "x.yaml:2: not valid YAML"),
     ("- 1\n- 2\n", "x.yaml: expected a mapping of sections"),
+    ("train:\n  learning_rate: .nan\n", "x.yaml: train.learning_rate: expected a number > 0 (not NaN or infinite), received nan"),
+    ("train:\n  learning_rate: .inf\n", "x.yaml: train.learning_rate: expected a number > 0 (not NaN or infinite), received inf"),
+    ("loss:\n  margin: -.inf\n", "x.yaml: loss.margin: expected a number >= 0 (not NaN or infinite), received -inf"),
+    ("train:\n  lr_schedule: piecewise\n  lr_piecewise: [[0, .nan]]\n",
+     "x.yaml: train.lr_piecewise: expected a list (not NaN or infinite), received [[0, nan]]"),
+    ("train:\n  steps_per_epoch: 1.0e+23\n", "x.yaml: train.steps_per_epoch: expected an integer >= 1, received 1e+23"),
+    ("train:\n  steps_per_epoch: 100000000000000000000000\n",
+     "x.yaml: train.steps_per_epoch: expected an integer >= 1 and at most 2,147,483,647, received 100000000000000000000000"),
+    ("train:\n  epochs: 2\nmodel:\n  alpha: 0.5\ntrain:\n  epochs: 3\n",
+     "x.yaml:5: not valid YAML: duplicate key 'train' (first given on line 1)"),
+    ("train:\n  epochs: 2\n  epochs: 3\n", "x.yaml:3: not valid YAML: duplicate key 'epochs' (first given on line 2)"),
+    ("data:\n  source: folder\n", "data.path: required when data.source is 'folder' (set it in the file or give --set data.path=...)"),
 ])
 def test_bad_config_file_is_one_line_error_exit_2(tmp_path, yaml_text, message):
     path = write(tmp_path, yaml_text)
@@ -86,11 +98,20 @@ def test_missing_config_file(tmp_path):
     ("train.epochs=three", "Error: --set: train.epochs: expected an integer >= 1, received 'three'"),
     ("train.epochs", "Error: --set train.epochs: expected key=value"),
     ("model.width=2", "Error: --set: model.width: unknown key"),
+    ("=3", "Error: --set =3: expected KEY=VALUE with a non-empty key"),
+    ("train.learning_rate=.nan", "Error: --set: train.learning_rate: expected a number > 0 (not NaN or infinite), received nan"),
+    ("data.source=folder", "Error: data.path: required when data.source is 'folder' (give --config FILE or --set data.path=...)"),
 ])
 def test_bad_override(override, message):
     result = run_cli("config", "show", "--set", override)
     assert result.exit_code == 2
     assert result.output.strip().startswith(message)
+
+
+def test_yaml_merge_keys_are_not_duplicates(tmp_path):
+    text = "train:\n  <<: {epochs: 2, steps_per_epoch: 5}\n  epochs: 3\n"
+    cfg = load_config(write(tmp_path, text, "merge.yaml"))
+    assert (cfg.train.epochs, cfg.train.steps_per_epoch) == (3, 5)
 
 
 def test_config_show_prints_resolved_yaml():

@@ -346,3 +346,41 @@ def test_modules_do_not_import_tensorflow_or_matplotlib():
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
+
+
+def test_val_at_far_is_marked_undefined_with_too_few_different_pairs():
+    from mobilenet_embed.metrics import val_pairs_needed, val_text
+
+    rng = np.random.default_rng(0)
+    d, s = blocks(2, rng.normal(0.8, 0.3, 10).clip(0, 3), rng.normal(1.6, 0.3, 10).clip(0, 3))
+    few = verification_metrics(d, s, n_folds=2, far_target=1e-3)  # 20 pairs, 5 different per train fold
+    assert val_pairs_needed(1e-3) == 1000 and val_pairs_needed(0.1) == 10
+    assert few["val_defined"] is False and few["val_different_pairs_needed"] == 1000
+    assert val_text(few) == "VAL@FAR=0.001 n/a (needs >= 1,000 different pairs)"
+    json.loads(json.dumps(to_jsonable(few)))  # metrics.json stays valid
+    enough = verification_metrics(d, s, n_folds=2, far_target=0.2)  # 5 different pairs: FAR 1/5 measurable
+    assert enough["val_defined"] is True
+    assert val_text(enough) == f"VAL {enough['val']:.4f} @ FAR {enough['far']:.4f}"
+
+
+@pytest.mark.parametrize("title", ["ROC runs/" + "a_very_long_run_name_" * 8 + " (fold 10)",
+                                   "ROC " + " ".join(["word"] * 60)])
+def test_roc_title_of_a_long_run_name_fits_the_figure(tmp_path, title, monkeypatch):
+    import matplotlib.figure
+
+    from mobilenet_embed.plots import plot_roc
+
+    saved = []
+    original = matplotlib.figure.Figure.savefig
+
+    def spy(fig, *args, **kwargs):
+        saved.append(fig)
+        return original(fig, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", spy)
+    plot_roc([0.0, 0.1, 1.0], [0.0, 0.8, 1.0], tmp_path / "roc.png", title=title)
+    fig = saved[0]
+    shown = fig.axes[0].title
+    box = shown.get_window_extent(fig.canvas.get_renderer())  # before the fix: x0 -547 px, cut off
+    assert box.x0 >= 0 and box.x1 <= fig.bbox.x1 and box.y1 <= fig.bbox.y1
+    assert shown.get_text().startswith(title[:8]) and len(shown.get_text().splitlines()) <= 3

@@ -88,6 +88,51 @@ def test_outputs_are_unit_vectors_and_keras_round_trip_is_exact(tmp_path):
     assert not any(isinstance(layer, keras.layers.Lambda) for layer in loaded.layers)
 
 
+@pytest.mark.parametrize("alpha", [0.25, 0.5, 0.75, 1.0])
+def test_untrained_model_outputs_unit_vectors(alpha, tmp_path):
+    """Keras' default init gives pre-normalisation vectors of norm ~1e-16..1e-21, where
+    UnitNormalization's epsilon floor returned norms of ~0.003; L2Normalization is exact."""
+    model = build_embedding_model(image_size=32, alpha=alpha, embedding_size=16)
+    x = np.random.default_rng(0).uniform(-1, 1, (3, 32, 32, 3)).astype("float32")
+    pre = keras.Model(model.input, model.get_layer("bottleneck_bn").output)(x).numpy()
+    assert np.linalg.norm(pre, axis=1).max() < 1e-6  # the regime the floor broke
+    y = model(x, training=False).numpy()
+    np.testing.assert_allclose(np.linalg.norm(y, axis=1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(y, pre / np.linalg.norm(pre, axis=1, keepdims=True), atol=1e-4)
+    if alpha == 0.25:
+        path = str(tmp_path / "fresh.keras")
+        model.save(path)
+        np.testing.assert_array_equal(keras.models.load_model(path)(x, training=False).numpy(), y)
+
+
+def test_l2_normalization_gradient_and_zero_vector():
+    import tensorflow as tf
+
+    from mobilenet_embed.layers import L2Normalization
+
+    layer = L2Normalization()
+    x = tf.constant([[3e-20, 4e-20], [0.0, 0.0]])
+    np.testing.assert_allclose(layer(x).numpy(), [[0.6, 0.8], [0.0, 0.0]], atol=1e-7)
+    v = tf.Variable([[3.0, 4.0]])
+    with tf.GradientTape() as tape:
+        out = layer(v)[0, 0]
+    # d(x0/||x||)/dx = (||x||^2 - x0 x) / ||x||^3 = [16, -12] / 125
+    np.testing.assert_allclose(tape.gradient(out, v).numpy(), [[0.128, -0.096]], rtol=1e-5)
+
+
+def test_older_keras_files_with_unit_normalization_still_load(tmp_path):
+    model = build_embedding_model(image_size=32, alpha=0.25, embedding_size=16)
+    randomise(model, seed=3)
+    head = keras.layers.UnitNormalization(axis=-1, dtype="float32", name="embedding")
+    old = keras.Model(model.input, head(model.get_layer("bottleneck_bn").output))
+    path = str(tmp_path / "old.keras")
+    old.save(path)
+    x = np.random.default_rng(1).uniform(-1, 1, (2, 32, 32, 3)).astype("float32")
+    loaded = keras.models.load_model(path, compile=False)
+    assert isinstance(loaded.get_layer("embedding"), keras.layers.UnitNormalization)
+    np.testing.assert_allclose(loaded(x, training=False).numpy(), model(x, training=False).numpy(), atol=1e-6)
+
+
 def test_head_stays_float32_under_mixed_precision():
     keras.mixed_precision.set_global_policy("mixed_float16")
     try:
@@ -95,7 +140,12 @@ def test_head_stays_float32_under_mixed_precision():
     finally:
         keras.mixed_precision.set_global_policy("float32")
     assert model.get_layer("conv1").compute_dtype == "float16"
+    assert model.get_layer("embedding").compute_dtype == "float32"
     assert model.output.dtype == "float32"
+    randomise(model, seed=1)  # an untrained backbone's activations underflow float16 to 0
+    y = model(np.random.default_rng(0).uniform(-1, 1, (2, 32, 32, 3)).astype("float32"), training=False)
+    assert y.dtype == "float32"
+    np.testing.assert_allclose(np.linalg.norm(y.numpy(), axis=1), 1.0, atol=1e-5)
 
 
 def test_invalid_arguments_are_user_errors():

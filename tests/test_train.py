@@ -430,3 +430,35 @@ def test_folder_source_with_eval_pairs_validation(tmp_path):
     assert f"validation: {pairs} (8 pairs)" in out.getvalue()
     assert [r["pairs"] for r in _jsonl(result.run_dir, "validation")] == [8]
     assert 0.0 <= result.final_validation["accuracy"] <= 1.0
+
+
+def _result(**kw):
+    from mobilenet_embed.train import TrainResult
+
+    base = dict(run_dir="r", steps=1, steps_this_run=1, seconds=1.0, images_per_second=1.0, final_validation=None,
+                best_validation=None, best_step=None, resumed_from=None, interrupted=True, paths={})
+    return TrainResult(**{**base, **kw})
+
+
+def test_interrupted_before_validation_does_not_say_validation_is_unset():
+    lines = _result(val_source="3 held-out identities (20 pairs)").summary_lines()
+    assert "no validation yet (3 held-out identities (20 pairs); the run stopped before the first one)" in lines
+    assert not any("set eval.pairs" in line for line in lines)
+    assert "no validation (set eval.pairs or data.val_identities > 0)" in _result().summary_lines()
+
+
+@pytest.mark.parametrize("per_batch, advice", [
+    (2, "raise data.val_identities to at least 0.5 (2 of 4 identities)"),
+    (3, "the 4 identities are too few to hold two out beside train.identities_per_batch (3): set "
+        "data.val_identities to 0 or give eval.pairs"),
+])
+def test_one_held_out_identity_gets_the_right_advice(per_batch, advice):
+    from mobilenet_embed.data import build_index
+    from mobilenet_embed.train import _validation_pairs
+
+    cfg = _cfg("data.synthetic_identities=4", "data.val_identities=0.1", f"train.identities_per_batch={per_batch}")
+    index, _ = build_index(cfg.data, check=True)
+    with pytest.raises(UserError) as info:
+        _validation_pairs(cfg, index, print)
+    assert str(info.value) == ("data.val_identities: 1 held-out identity gives no different pairs for "
+                               f"validation; {advice}")
