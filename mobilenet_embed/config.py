@@ -221,7 +221,7 @@ def _validate_loss(self, data_cfg: "DataConfig", source: str) -> None:
 LossConfig = dataclasses.make_dataclass(
     "LossConfig",
     [("name", str, _spec("triplet_semihard", choices=tuple(LOSS_REGISTRY),
-                         doc="the loss: " + "; ".join(f"{n} ({c.doc})" for n, c in LOSS_REGISTRY.items()))),
+                         doc="a triplet loss (in-batch mining) or a margin head over class centres; its options: loss.<name>.*")),
      ("triplet_weight", float, _spec(0.0, low=0.0, doc="margin heads: weight of a triplet term on the same P x K batch (0: none)")),
      ("triplet_term", str, _spec("triplet_semihard", choices=TRIPLET_LOSSES,
                                  doc="margin heads with triplet_weight > 0: which triplet loss (its options: loss.<that name>.*)")),
