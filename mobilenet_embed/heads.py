@@ -78,13 +78,14 @@ def subcenter_max(cos: tf.Tensor, subcenters: int) -> tf.Tensor:
 
 # --------------------------------------------------------------------------- the sharded loss
 
-def sample_classes(local_labels: tf.Tensor, is_local: tf.Tensor, num_local: tf.Tensor, num_sample: tf.Tensor,
-                   key: tf.Tensor) -> tf.Tensor:
+def sample_classes(local_labels: tf.Tensor, is_local: tf.Tensor, num_local, num_sample, key: tf.Tensor) -> tf.Tensor:
     """Sorted local class numbers ``[num_sample]``: every class in ``local_labels[is_local]`` plus
-    random others (Partial FC: positives scored 2, others uniform in [0, 1), top ``num_sample``)."""
-    score = tf.random.stateless_uniform(tf.reshape(num_local, [1]), seed=key)
-    positives = tf.boolean_mask(local_labels, is_local)
-    score = tf.tensor_scatter_nd_update(score, positives[:, None], tf.fill(tf.shape(positives), 2.0))
+    random others (Partial FC: positives scored 2, others uniform in [0, 1), top ``num_sample``).
+    Static shapes throughout (no boolean masks), so it compiles under XLA."""
+    score = tf.random.stateless_uniform(tf.reshape(tf.cast(num_local, tf.int32), [1]), seed=key,
+                                        alg="philox")  # the same draws on every device and under XLA
+    safe = tf.where(is_local, local_labels, tf.zeros_like(local_labels))
+    score = tf.tensor_scatter_nd_max(score, safe[:, None], tf.where(is_local, 2.0, 0.0))
     return tf.sort(tf.math.top_k(score, k=num_sample, sorted=False).indices)
 
 
@@ -115,25 +116,33 @@ def margin_softmax_loss(labels: tf.Tensor, embeddings: tf.Tensor, centres: tf.Te
     e = tf.math.l2_normalize(tf.cast(embeddings, tf.float32), axis=1)
     w = tf.cast(centres, tf.float32)
     num_local = tf.shape(w, out_type=tf.int64)[0] // subcenters
+    if w.shape[0] is not None:
+        num_local = w.shape[0] // subcenters  # static when known: XLA needs a constant top_k size
     local = labels - tf.cast(class_offset, tf.int64)
     is_local = tf.logical_and(local >= 0, local < num_local)
     if sample_rate < 1.0:
-        batch = tf.shape(labels, out_type=tf.int64)[0]
-        wanted = tf.cast(tf.math.ceil(sample_rate * tf.cast(num_local, tf.float32)), tf.int64)
-        num_sample = tf.minimum(tf.maximum(wanted, tf.minimum(batch, num_local)), num_local)
-        kept = sample_classes(local, is_local, num_local, tf.cast(num_sample, tf.int32), sample_key)
-        kept = tf.cast(kept, tf.int64)
+        batch = labels.shape[0] if labels.shape[0] is not None else tf.shape(labels, out_type=tf.int64)[0]
+        if isinstance(num_local, int) and isinstance(batch, int):
+            num_sample = min(max(math.ceil(sample_rate * num_local), min(batch, num_local)), num_local)
+        else:
+            wanted = tf.cast(tf.math.ceil(sample_rate * tf.cast(num_local, tf.float32)), tf.int64)
+            num_sample = tf.cast(tf.minimum(tf.maximum(wanted, tf.minimum(tf.cast(batch, tf.int64), num_local)),
+                                            num_local), tf.int32)
+        kept = tf.cast(sample_classes(local, is_local, num_local, num_sample, sample_key), tf.int64)
         rows = tf.reshape(kept[:, None] * subcenters + tf.range(subcenters, dtype=tf.int64)[None, :], [-1])
         w = tf.gather(w, rows)
-        local = tf.searchsorted(kept, local, out_type=tf.int64)  # position in the kept classes (local ones are all kept)
-        num_local = tf.shape(kept, out_type=tf.int64)[0]
+        # position of each local class among the kept ones (every positive is kept)
+        where_kept = tf.tensor_scatter_nd_update(tf.zeros(tf.reshape(num_local, [1]), tf.int64), kept[:, None],
+                                                 tf.range(tf.shape(kept, out_type=tf.int64)[0]))
+        local = tf.gather(where_kept, tf.where(is_local, local, tf.zeros_like(local)))
     w = tf.math.l2_normalize(w, axis=1)
     cos = subcenter_max(tf.matmul(e, w, transpose_b=True), subcenters)  # [B, C_local]
     safe = tf.where(is_local, local, tf.zeros_like(local))
     cos_y = tf.gather(cos, safe, batch_dims=1)
-    rows = tf.boolean_mask(tf.range(tf.shape(labels, out_type=tf.int64)[0]), is_local)
-    logits = scale * tf.tensor_scatter_nd_update(
-        cos, tf.stack([rows, tf.boolean_mask(safe, is_local)], axis=1), tf.boolean_mask(target(cos_y), is_local))
+    # the true class's cosine replaced by its margin version (rows without a local class: unchanged)
+    batch_rows = tf.range(tf.shape(labels, out_type=tf.int64)[0])
+    logits = scale * tf.tensor_scatter_nd_update(cos, tf.stack([batch_rows, safe], axis=1),
+                                                 tf.where(is_local, target(cos_y), cos_y))
     top = _cross_replica(ctx, "max", tf.stop_gradient(tf.reduce_max(logits, axis=1)))
     sum_exp = _cross_replica(ctx, "sum", tf.reduce_sum(tf.exp(logits - top[:, None]), axis=1))
     logit_y = _cross_replica(ctx, "sum", tf.where(is_local, tf.gather(logits, safe, batch_dims=1), 0.0))

@@ -297,3 +297,22 @@ def test_two_replicas_sharded_equal_one_device():
     assert s["grad_e_max"] > 1e-3 and s["grad_w_max"] > 1e-3  # not a comparison of zeros
     assert s["grad_e_diff"] < 1e-5 and s["grad_w_diff"] < 1e-5
     assert out["head"]["grad_e_diff"] < 1e-5 and out["head"]["grad_w_diff"] < 1e-5
+
+
+@pytest.mark.parametrize("rate", [1.0, 0.3])
+def test_xla_equals_eager(rate):
+    labels, emb, centres = problem(6, b=8, c=40)
+    args = (tf.constant(labels), tf.constant(emb, tf.float32), tf.constant(centres, tf.float32))
+
+    def loss_and_grads(y, e, w):
+        with tf.GradientTape() as tape:
+            tape.watch([e, w])
+            loss = margin_softmax_loss(y, e, w, lambda c: arcface_target(c, 0.5), 16.0, sample_rate=rate,
+                                       sample_key=tf.constant([1, 2], tf.int64))
+        ge, gw = tape.gradient(loss, [e, w])
+        return loss, ge, tf.convert_to_tensor(gw)
+
+    eager = loss_and_grads(*args)
+    compiled = tf.function(loss_and_grads, jit_compile=True)(*args)
+    for a, b in zip(eager, compiled):
+        np.testing.assert_allclose(b.numpy(), a.numpy(), rtol=1e-5, atol=1e-6)
