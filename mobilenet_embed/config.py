@@ -213,6 +213,9 @@ def _validate_loss(self, data_cfg: "DataConfig", source: str) -> None:
             if value != neutral:
                 raise UserError(f"{source}: loss.{key}: only applies to a margin head ({', '.join(MARGIN_HEADS)}); "
                                 f"loss.name is {self.name!r}, received {_describe(value)}")
+    elif self.triplet_weight == 0 and self.triplet_term != "triplet_semihard":
+        raise UserError(f"{source}: loss.triplet_term: not used (loss.triplet_weight is 0), "
+                        f"received {_describe(self.triplet_term)}")
     if data_cfg.sampling != "pk" and (chosen.kind == "triplet" or self.triplet_weight > 0):
         raise UserError(f"{source}: data.sampling: triplet losses mine positives inside P x K batches, "
                         f"so they need 'pk', received {data_cfg.sampling!r}")

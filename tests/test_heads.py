@@ -177,6 +177,8 @@ def test_registry_drives_config_and_heads():
     (["loss.name=arcface", "loss.triplet_hard.margin=0.5"], "loss.triplet_hard.margin: not used (loss.name is 'arcface')"),
     (["loss.name=arcface", "loss.triplet_semihard.margin=0.5"], "loss.triplet_semihard.margin: not used (loss.triplet_weight is 0)"),
     (["data.sampling=uniform"], "data.sampling: triplet losses mine positives inside P x K batches"),
+    (["loss.name=arcface", "loss.triplet_term=triplet_hard"], "loss.triplet_term: not used (loss.triplet_weight is 0)"),
+    (["loss.name=arcface", "loss.triplet_weight=1", "data.sampling=uniform"], "data.sampling: triplet losses"),
     (["loss.name=arcface", "loss.sample_rate=0"], "loss.sample_rate: expected a number > 0 and <= 1"),
 ])
 def test_loss_config_errors_are_one_line(overrides, message):
