@@ -23,14 +23,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
 import sys
 import time
 
-from benchutil import write_result
+from benchutil import machine_info, write_result
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HEADS = ("softmax", "cosface", "arcface", "subcenter_arcface")
@@ -197,15 +196,9 @@ def main(argv: list[str]) -> dict:
     if args.case:
         print(json.dumps(run_case(int(args.case[0]), args.case[1], args)))
         return {}
-    import keras
-    import tensorflow as tf
-
     result = {
         "benchmark": "heads",
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-                    "tensorflow": tf.__version__, "keras": keras.__version__,
-                    "gpus": len(tf.config.list_physical_devices("GPU")),
-                    "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None},
+        "machine": machine_info(),
         "settings": {k: v for k, v in vars(args).items() if k not in ("case", "out")},
     }
     if not args.skip_steps:
