@@ -50,6 +50,7 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--dim", type=int, default=128)
     ap.add_argument("--reps", type=int, default=5, help="timed forward+backward calls per case")
     ap.add_argument("--skip-steps", action="store_true", help="only the second table")
+    ap.add_argument("--steps-from", metavar="JSON", help="with --skip-steps: keep the first table of this earlier result")
     ap.add_argument("--case", nargs=2, metavar=("IDENTITIES", "MODE"), help=argparse.SUPPRESS)
     ap.add_argument("--out", default=os.path.join("bench", "heads.json"))
     return ap
@@ -105,6 +106,16 @@ def measure_steps(args) -> dict:
 # --------------------------------------------------------------------------- table 2
 
 
+def _peak_rss_mb() -> float:
+    """This process's resident-memory high-water mark (VmHWM: reset at exec, unlike ru_maxrss,
+    which a child started by a large parent inherits)."""
+    with open("/proc/self/status", encoding="ascii") as fh:
+        for line in fh:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def run_case(identities: int, mode: str, args) -> dict:
     """One forward+backward case in this process (called through ``--case``)."""
     import tensorflow as tf
@@ -119,7 +130,7 @@ def run_case(identities: int, mode: str, args) -> dict:
         return arcface_target(c, 0.5)
 
     b, d = args.batch, args.dim
-    base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    base_rss = _peak_rss_mb()
     labels = tf.random.stateless_uniform([b], [1, 2], 0, identities, dtype=tf.int64)
     emb = tf.random.stateless_normal([b, d], [3, 4])
     if mode == "sharded2":
@@ -167,7 +178,7 @@ def run_case(identities: int, mode: str, args) -> dict:
         out = call()
         tf.nest.map_structure(lambda t: t.numpy() if hasattr(t, "numpy") else t, out)
         times.append(1000 * (time.perf_counter() - t0))
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = _peak_rss_mb()
     return {"identities": identities, "mode": mode, "ms": times, "median_ms": statistics.median(times),
             "peak_rss_mb": peak, "start_rss_mb": base_rss, "w_mb": identities * d * 4 / 2 ** 20}
 
@@ -185,7 +196,8 @@ def measure_scales(args) -> list:
                 raise SystemExit(f"case {identities} {mode} failed:\n{proc.stderr[-2000:]}")
             rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
             r = rows[-1]
-            print(f"  {identities:>9,d} {mode:>10s}: {r['median_ms']:9.1f} ms  peak RSS {r['peak_rss_mb']:8.0f} MB",
+            print(f"  {identities:>9,d} {mode:>10s}: {r['median_ms']:9.1f} ms  peak RSS {r['peak_rss_mb']:8.0f} MB "
+                  f"(+{r['peak_rss_mb'] - r['start_rss_mb']:.0f} over start-up; W {r['w_mb']:.0f} MB)",
                   flush=True)
     return rows
 
@@ -201,6 +213,9 @@ def main(argv: list[str]) -> dict:
         "machine": machine_info(),
         "settings": {k: v for k, v in vars(args).items() if k not in ("case", "out")},
     }
+    if args.skip_steps and args.steps_from:
+        with open(args.steps_from, encoding="utf-8") as fh:
+            result["steps"] = json.load(fh)["steps"]
     if not args.skip_steps:
         print(f"train step, {args.image_size}x{args.image_size}, alpha {args.alpha:g}, P x K = {args.P} x {args.K}, "
               f"{args.identities} identities, median of {args.repeats} x {args.steps} steps")
