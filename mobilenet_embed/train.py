@@ -14,8 +14,10 @@ The loop (DESIGN.md: Keras 3 `fit` fails under MultiWorkerMirroredStrategy on TF
    construction), the optimizer and its schedule (`mobilenet_embed.optim`), the checkpoint;
 4. steps: a `tf.function` calling ``strategy.run`` on each replica's slice of whole identities.
    Per replica: embeddings (float32), the triplet loss over the local batch, or with
-   ``train.cross_replica_mining`` over the all-gathered global batch; divided by the replica
-   count; gradients summed across replicas once, clipped by their global norm, applied.
+   ``train.cross_replica_mining`` over the all-gathered global batch (or, with a margin head,
+   `mobilenet_embed.heads`, the head's loss on the all-gathered batch, each replica computing
+   the logits of its shard of the identities, plus ``loss.triplet_weight`` x the triplet loss);
+   divided by the replica count; gradients summed across replicas once, clipped by their global norm, applied.
    Logging values are averaged over replicas with ``strategy.reduce``;
 5. checkpoints every ``train.checkpoint_every_steps`` and at each epoch end, validation every
    ``train.val_every_epochs`` (and at the end), the best checkpoint by validation accuracy;
