@@ -66,6 +66,8 @@ class DataConfig:
     align_template: Optional[str] = _spec(None, choices=TEMPLATE_NAMES, doc="the data are face crops aligned to this landmark template by `mbembed align` (eval / export --align align raw photos the same way); null: not aligned")
     align_size: int = _spec(112, low=16, doc="side in pixels of the aligned crops (data.align_template)")
     align_select: str = _spec("center", choices=("center", "largest"), doc="aligning: the face kept when there are several (nearest the image centre, or largest)")
+    sampling: str = _spec("pk", choices=("pk", "uniform"),
+                          doc="training batches: pk (P identities x K images, for triplets) or uniform (P*K images drawn over all images)")
 
 
 @dataclass
@@ -79,13 +81,170 @@ class ModelConfig:
         None, doc="weights file of keras.applications.MobileNet(include_top=False) to start from")
 
 
+# ---- loss: one registry of choices, each with its own options nested under its name
+
+_DISTANCES = ("L2", "squared-L2", "angular")
+
+
 @dataclass
-class LossConfig:
-    name: str = _spec("triplet_semihard", choices=("triplet_semihard", "triplet_hard", "triplet_batch_all"),
-                      doc="triplet loss and its mining")
+class TripletSemiHardOptions:
     margin: float = _spec(0.2, low=0.0, doc="triplet margin")
-    distance: str = _spec("squared-L2", choices=("L2", "squared-L2", "angular"), doc="distance the loss uses")
-    soft: bool = _spec(False, doc="triplet_hard: softplus instead of the margin hinge")
+    distance: str = _spec("squared-L2", choices=_DISTANCES, doc="distance the loss uses")
+
+
+@dataclass
+class TripletHardOptions:
+    margin: float = _spec(0.2, low=0.0, doc="triplet margin (unused when soft)")
+    distance: str = _spec("squared-L2", choices=_DISTANCES, doc="distance the loss uses")
+    soft: bool = _spec(False, doc="softplus instead of the margin hinge")
+
+
+@dataclass
+class TripletBatchAllOptions:
+    margin: float = _spec(0.2, low=0.0, doc="triplet margin")
+    distance: str = _spec("squared-L2", choices=_DISTANCES, doc="distance the loss uses")
+
+
+@dataclass
+class SoftmaxOptions:
+    scale: float = _spec(64.0, low=0.0, low_open=True, doc="scale s of the cosine logits (normalised softmax)")
+
+
+@dataclass
+class CosFaceOptions:
+    margin: float = _spec(0.4, low=0.0, doc="additive cosine margin m: s (cos - m) for the true class")
+    scale: float = _spec(64.0, low=0.0, low_open=True, doc="scale s of the cosine logits")
+
+
+@dataclass
+class ArcFaceOptions:
+    margin: float = _spec(0.5, low=0.0, high=3.14159, doc="additive angular margin m: s cos(theta + m) for the true class")
+    scale: float = _spec(64.0, low=0.0, low_open=True, doc="scale s of the cosine logits")
+    easy_margin: bool = _spec(False, doc="margin only where cos > 0; else (default) cos - m sin(m) where theta + m > pi")
+
+
+@dataclass
+class SubcenterArcFaceOptions:
+    margin: float = _spec(0.5, low=0.0, high=3.14159, doc="additive angular margin m")
+    scale: float = _spec(64.0, low=0.0, low_open=True, doc="scale s of the cosine logits")
+    easy_margin: bool = _spec(False, doc="as loss.arcface.easy_margin")
+    subcenters: int = _spec(3, low=1, doc="k sub-centres per identity; the logit is the max over them")
+
+
+@dataclass(frozen=True)
+class LossChoice:
+    """One `loss.name`: its options dataclass, its kind, where it is implemented, one line of doc."""
+
+    options: type
+    kind: str  # "triplet" (in-batch mining) or "margin" (a head with class centres)
+    implementation: str  # "module:attribute", imported when the loss is built (keeps config TF-free)
+    doc: str
+
+
+LOSS_REGISTRY: dict[str, LossChoice] = {
+    "triplet_semihard": LossChoice(TripletSemiHardOptions, "triplet", "mobilenet_embed.losses:TripletSemiHardLoss",
+                                   "semi-hard triplets (FaceNet)"),
+    "triplet_hard": LossChoice(TripletHardOptions, "triplet", "mobilenet_embed.losses:TripletHardLoss",
+                               "batch-hard triplets"),
+    "triplet_batch_all": LossChoice(TripletBatchAllOptions, "triplet", "mobilenet_embed.losses:TripletBatchAllLoss",
+                                    "batch-all triplets"),
+    "softmax": LossChoice(SoftmaxOptions, "margin", "mobilenet_embed.heads:SoftmaxHead",
+                          "normalised softmax over class centres"),
+    "cosface": LossChoice(CosFaceOptions, "margin", "mobilenet_embed.heads:CosFaceHead", "additive cosine margin"),
+    "arcface": LossChoice(ArcFaceOptions, "margin", "mobilenet_embed.heads:ArcFaceHead", "additive angular margin"),
+    "subcenter_arcface": LossChoice(SubcenterArcFaceOptions, "margin", "mobilenet_embed.heads:SubcenterArcFaceHead",
+                                    "ArcFace with k sub-centres per identity (noisy labels)"),
+}
+"""``loss.name`` -> its choice. The config's `loss` section, its choices and its nested option
+sections are all derived from this one table; `mobilenet_embed.heads` and `losses` implement them."""
+
+TRIPLET_LOSSES = tuple(n for n, c in LOSS_REGISTRY.items() if c.kind == "triplet")
+MARGIN_HEADS = tuple(n for n, c in LOSS_REGISTRY.items() if c.kind == "margin")
+
+# Flat keys of mbembed <= 0.1 (before the per-loss sections): where each one went.
+_FLAT_LOSS_KEYS = ("margin", "distance", "soft")
+
+
+def _loss_moved_key(self, key: str, updates: dict) -> Optional[str]:
+    """The new dotted key of an old flat `loss.<key>`, for the unknown-key error (None: not moved)."""
+    if key not in _FLAT_LOSS_KEYS:
+        return None
+    name = updates.get("name", self.name)
+    if name not in TRIPLET_LOSSES or key not in {f.name for f in dataclasses.fields(LOSS_REGISTRY[name].options)}:
+        name = "triplet_hard" if key == "soft" else "triplet_semihard"
+    return f"loss.{name}.{key}"
+
+
+def migrate_flat_loss_keys(data: dict) -> dict:
+    """A saved run config of mbembed <= 0.1 (flat ``loss.margin/distance/soft``) in the nested form.
+
+    Used when reading a run directory's own ``config.yaml`` (written by mbembed, so it is moved
+    as is); a user's config file with flat keys gets the one-line "moved to" error instead.
+    """
+    loss = data.get("loss")
+    if not isinstance(loss, dict) or not any(k in loss for k in _FLAT_LOSS_KEYS):
+        return data
+    loss = dict(loss)
+    name = loss.get("name", "triplet_semihard")
+    section = dict(loss.get(name) or {}) if name in TRIPLET_LOSSES else {}
+    allowed = {f.name for f in dataclasses.fields(LOSS_REGISTRY[name].options)} if name in TRIPLET_LOSSES else set()
+    for key in _FLAT_LOSS_KEYS:
+        if key in loss:
+            value = loss.pop(key)
+            if key in allowed:
+                section[key] = value
+            elif key == "soft" and value:
+                raise UserError(f"loss.soft: only applies to loss.name 'triplet_hard', received loss.name {name!r}")
+    if name in TRIPLET_LOSSES:
+        loss[name] = section
+    return {**data, "loss": loss}
+
+
+def _validate_loss(self, data_cfg: "DataConfig", source: str) -> None:
+    """Rules across the loss keys: no option set for a loss that is not used, and what needs a head."""
+    chosen = LOSS_REGISTRY[self.name]
+    used = {self.name}
+    if chosen.kind == "margin" and self.triplet_weight > 0:
+        used.add(self.triplet_term)
+    for name, choice in LOSS_REGISTRY.items():
+        if name in used:
+            continue
+        options, defaults = getattr(self, name), choice.options()
+        for f in dataclasses.fields(options):
+            value = getattr(options, f.name)
+            if value != getattr(defaults, f.name):
+                why = (f"loss.name is {self.name!r}" if name != self.triplet_term or chosen.kind == "triplet"
+                       else "loss.triplet_weight is 0")
+                raise UserError(f"{source}: loss.{name}.{f.name}: not used ({why}), received {_describe(value)}")
+    if chosen.kind == "triplet":
+        for key, value, neutral in (("triplet_weight", self.triplet_weight, 0.0), ("sample_rate", self.sample_rate, 1.0),
+                                    ("triplet_term", self.triplet_term, "triplet_semihard")):
+            if value != neutral:
+                raise UserError(f"{source}: loss.{key}: only applies to a margin head ({', '.join(MARGIN_HEADS)}); "
+                                f"loss.name is {self.name!r}, received {_describe(value)}")
+    elif self.triplet_weight == 0 and self.triplet_term != "triplet_semihard":
+        raise UserError(f"{source}: loss.triplet_term: not used (loss.triplet_weight is 0), "
+                        f"received {_describe(self.triplet_term)}")
+    if data_cfg.sampling != "pk" and (chosen.kind == "triplet" or self.triplet_weight > 0):
+        raise UserError(f"{source}: data.sampling: triplet losses mine positives inside P x K batches, "
+                        f"so they need 'pk', received {data_cfg.sampling!r}")
+
+
+LossConfig = dataclasses.make_dataclass(
+    "LossConfig",
+    [("name", str, _spec("triplet_semihard", choices=tuple(LOSS_REGISTRY),
+                         doc="a triplet loss (in-batch mining) or a margin head over class centres; its options: loss.<name>.*")),
+     ("triplet_weight", float, _spec(0.0, low=0.0, doc="margin heads: weight of a triplet term on the same P x K batch (0: none)")),
+     ("triplet_term", str, _spec("triplet_semihard", choices=TRIPLET_LOSSES,
+                                 doc="margin heads with triplet_weight > 0: which triplet loss (its options: loss.<that name>.*)")),
+     ("sample_rate", float, _spec(1.0, low=0.0, high=1.0, low_open=True,
+                                  doc="margin heads (Partial FC): fraction of the class centres each step uses, positives always included")),
+     *[(name, choice.options, field(default_factory=choice.options)) for name, choice in LOSS_REGISTRY.items()]],
+    namespace={"moved_key": _loss_moved_key, "validate": _validate_loss,
+               "__doc__": "The `loss` section: `name` picks an entry of `LOSS_REGISTRY`; each entry's options "
+                          "sit under its own name (``loss.arcface.margin``)."},
+)
+LossConfig.__module__ = __name__
 
 
 @dataclass
@@ -294,6 +453,9 @@ def _apply(obj: Any, updates: dict, prefix: str, source: str) -> None:
     for key, value in updates.items():
         dotted = f"{prefix}{key}"
         if key not in fields:
+            moved = obj.moved_key(key, updates) if hasattr(obj, "moved_key") else None
+            if moved:
+                raise UserError(f"{source}: {dotted}: moved to {moved}")
             known = ", ".join(fields)
             raise UserError(f"{source}: {dotted}: unknown key (known here: {known})")
         tp = hints[key]
@@ -319,6 +481,7 @@ def _check_consistency(cfg: Config, source: str | None) -> None:
         if not ok:
             raise UserError(f"{source or '--set'}: train.lr_piecewise: expected [[epoch, lr], ...] when "
                             f"train.lr_schedule is 'piecewise', received {_describe(sched)}")
+    cfg.loss.validate(cfg.data, source)
     if not cfg.export.formats:
         raise UserError(f"{source or '--set'}: export.formats: expected at least one format, received []")
 
@@ -382,7 +545,7 @@ def config_to_dict(cfg: Config) -> dict:
 def config_from_dict(data: dict, source: str = "config") -> Config:
     """Rebuild a validated config from `config_to_dict` output (e.g. a run's saved config.yaml)."""
     cfg = Config()
-    _apply(cfg, _settings(data), "", source)
+    _apply(cfg, migrate_flat_loss_keys(_settings(data)), "", source)
     _check_consistency(cfg, source)
     return cfg
 

@@ -328,3 +328,12 @@ def loss_from_config(name: str, margin: float, distance: str, soft: bool = False
     if soft:
         raise UserError(f"loss.soft: only applies to loss.name 'triplet_hard', received loss.name {name!r}")
     return LOSSES[name](margin=margin, distance_metric=distance)
+
+
+def triplet_loss_from_config(loss_cfg, name: str | None = None) -> _TripletLoss:
+    """The triplet loss `name` (default ``loss_cfg.name``) with its options ``loss_cfg.<name>``."""
+    name = name or loss_cfg.name
+    if name not in LOSSES:
+        raise UserError(f"loss.name: expected one of {sorted(LOSSES)}, received {name!r}")
+    options = getattr(loss_cfg, name)
+    return loss_from_config(name, options.margin, options.distance, getattr(options, "soft", False))

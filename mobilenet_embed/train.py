@@ -14,8 +14,10 @@ The loop (a custom one, since Keras 3 `fit` fails under MultiWorkerMirroredStrat
    construction), the optimizer and its schedule (`mobilenet_embed.optim`), the checkpoint;
 4. steps: a `tf.function` calling ``strategy.run`` on each replica's slice of whole identities.
    Per replica: embeddings (float32), the triplet loss over the local batch, or with
-   ``train.cross_replica_mining`` over the all-gathered global batch; divided by the replica
-   count; gradients summed across replicas once, clipped by their global norm, applied.
+   ``train.cross_replica_mining`` over the all-gathered global batch (or, with a margin head,
+   `mobilenet_embed.heads`, the head's loss on the all-gathered batch, each replica computing
+   the logits of its shard of the identities, plus ``loss.triplet_weight`` x the triplet loss);
+   divided by the replica count; gradients summed across replicas once, clipped by their global norm, applied.
    Logging values are averaged over replicas with ``strategy.reduce``;
 5. checkpoints every ``train.checkpoint_every_steps`` and at each epoch end, validation every
    ``train.val_every_epochs`` (and at the end), the best checkpoint by validation accuracy;
@@ -122,13 +124,18 @@ class TrainStep:
     """One optimizer step on a global batch, under any strategy (see the module docstring).
 
     `loss_fn(labels, embeddings) -> scalar` is the unscaled mean over the batch it is given.
+    With a margin `head` (`mobilenet_embed.heads`) the loss is ``head(labels, embeddings)`` plus
+    ``triplet_weight * loss_fn(...)`` when that weight is > 0; the head's centres are
+    differentiated and updated with the model's variables, and with several replicas the batch
+    is always all-gathered (each replica computes the logits of its shard of the classes).
     Calling returns a dict of scalars averaged over replicas: ``loss``, ``grad_norm`` (before
     clipping) and, when `with_stats`, the mining statistics of `mobilenet_embed.losses.mining_stats`.
     """
 
     def __init__(self, strategy, model, optimizer, loss_fn: Callable, *, margin: float, distance: str,
                  cross_replica_mining: bool = False, clip_norm: Optional[float] = None,
-                 jit_compile: bool = False, local_replicas: int = 1, step_variable=None):
+                 jit_compile: bool = False, local_replicas: int = 1, step_variable=None, head=None,
+                 triplet_weight: float = 0.0):
         import tensorflow as tf
 
         self.strategy = strategy
@@ -141,6 +148,8 @@ class TrainStep:
         self.clip_norm = clip_norm
         self.local_replicas = int(local_replicas)
         self.step_variable = step_variable
+        self.head = head
+        self.triplet_weight = float(triplet_weight)
         self.loss_scaled = hasattr(optimizer, "scale_loss") and hasattr(optimizer, "inner_optimizer")
         self._replica_fns = {
             stats: (tf.function(self._make_replica_fn(stats), jit_compile=True) if jit_compile
@@ -158,19 +167,27 @@ class TrainStep:
         def replica_fn(images, labels):
             ctx = tf.distribute.get_replica_context()
             replicas = ctx.num_replicas_in_sync
-            variables = self.model.trainable_variables
+            variables = list(self.model.trainable_variables)
+            if self.head is not None:
+                variables += list(self.head.trainable_variables)
             with tf.GradientTape() as tape:
                 embeddings = tf.cast(self.model(images, training=True), tf.float32)
-                if self.cross_replica_mining and replicas > 1:
+                if (self.cross_replica_mining or self.head is not None) and replicas > 1:
                     embeddings = gather_replicas(ctx, embeddings)
                     labels = gather_replicas(ctx, labels)
-                loss = tf.cast(self.loss_fn(labels, embeddings), tf.float32)
+                if self.head is None:
+                    loss = tf.cast(self.loss_fn(labels, embeddings), tf.float32)
+                else:
+                    loss = self.head(labels, embeddings)
+                    if self.triplet_weight > 0:
+                        loss += self.triplet_weight * tf.cast(self.loss_fn(labels, embeddings), tf.float32)
                 objective = loss / float(replicas)
                 if self.model.losses:
                     objective += tf.add_n([tf.cast(x, tf.float32) for x in self.model.losses]) / float(replicas)
                 if self.loss_scaled:
                     objective = self.optimizer.scale_loss(objective)
             grads = tape.gradient(objective, variables)
+            grads = [tf.convert_to_tensor(g) if isinstance(g, tf.IndexedSlices) else g for g in grads]
             if replicas > 1:
                 grads = ctx.all_reduce(tf.distribute.ReduceOp.SUM, grads)
             scale = tf.cast(self.optimizer.dynamic_scale, tf.float32) if self.loss_scaled else 1.0
@@ -348,6 +365,22 @@ def _load_data(cfg: Config, log: Callable[[str], None]) -> _Data:
 # --------------------------------------------------------------------------- train
 
 
+def _head_state(head) -> dict:
+    """What a checkpoint records of the margin head, to refuse resuming with other identities."""
+    return {"head_identities": head.num_classes, "head_subcenters": head.subcenters}
+
+
+def _check_head_resumable(state: dict, head, ckpt_dir: str) -> None:
+    """One-line refusal when the checkpoint's class centres are for another number of identities."""
+    saved = (state.get("head_identities"), state.get("head_subcenters"))
+    if saved[0] is None:
+        return  # no head in that checkpoint (e.g. a triplet run): the centres start fresh
+    if saved != (head.num_classes, head.subcenters):
+        raise UserError(f"{ckpt_dir}: cannot resume: its class centres are for {saved[0]} identities x "
+                        f"{saved[1]} sub-centres, this run has {head.num_classes} x {head.subcenters}; train on "
+                        "the same identities, or start over with --fresh --force")
+
+
 def _set_precision_policy(precision: str):
     import keras
 
@@ -392,7 +425,9 @@ def _train_locked(cfg: Config, run_dir: str, fresh: bool, force: bool, out: IO[s
     import tensorflow as tf
 
     from mobilenet_embed.checkpoints import CheckpointManager
-    from mobilenet_embed.losses import loss_from_config
+    from mobilenet_embed.config import LOSS_REGISTRY
+    from mobilenet_embed.heads import head_from_config
+    from mobilenet_embed.losses import triplet_loss_from_config
     from mobilenet_embed.model import build_model_from_config
     from mobilenet_embed.optim import build_optimizer, build_schedule, current_learning_rate
     from mobilenet_embed.runlog import RunLog
@@ -429,7 +464,10 @@ def _train_locked(cfg: Config, run_dir: str, fresh: bool, force: bool, out: IO[s
     # ---- model, optimizer, checkpoint
     steps_per_epoch = tcfg.steps_per_epoch
     total_steps = tcfg.epochs * steps_per_epoch
-    loss_obj = loss_from_config(cfg.loss.name, cfg.loss.margin, cfg.loss.distance, cfg.loss.soft)
+    with_head = LOSS_REGISTRY[cfg.loss.name].kind == "margin"
+    triplet_name = cfg.loss.triplet_term if with_head else cfg.loss.name
+    triplet_options = getattr(cfg.loss, triplet_name)  # also the mining statistics' margin and distance
+    loss_obj = triplet_loss_from_config(cfg.loss, triplet_name)
     keras.utils.set_random_seed(cfg.seed)
     with strategy.scope():
         previous = _set_precision_policy(tcfg.precision)
@@ -445,15 +483,21 @@ def _train_locked(cfg: Config, run_dir: str, fresh: bool, force: bool, out: IO[s
                     layer.momentum = tcfg.bn_momentum
         optimizer = build_optimizer(tcfg, model, build_schedule(tcfg),
                                     loss_scale=tcfg.precision == "mixed_float16")
-        optimizer.build(model.trainable_variables)
         step_var = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")
-    checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, step=step_var)
+        # the margin head's class centres: trained and checkpointed with the model, never exported
+        head = (head_from_config(cfg.loss, data.train_index.num_identities, cfg.model.embedding_size,
+                                 seed=cfg.seed, step=step_var) if with_head else None)
+        optimizer.build(list(model.trainable_variables) + (list(head.trainable_variables) if head else []))
+    checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, step=step_var,
+                                     **({"head": head} if head is not None else {}))
     manager = CheckpointManager(ckpt_dir, checkpoint, keep=tcfg.keep_checkpoints, is_chief=chief)
 
     latest = manager.latest()
     state: dict = {}
     resumed_from = None
     if latest is not None:
+        if head is not None:
+            _check_head_resumable(latest.state, head, ckpt_dir)
         manager.restore(latest)
         state = dict(latest.state)
         resumed_from = int(step_var.numpy())
@@ -476,10 +520,11 @@ def _train_locked(cfg: Config, run_dir: str, fresh: bool, force: bool, out: IO[s
         # tf.distribute for the same reason.
         say("note: train.jit_compile is not used with several replicas (XLA under tf.distribute)")
         jit = False
-    step_fn = TrainStep(strategy, model, optimizer, loss_obj.call, margin=cfg.loss.margin,
-                        distance=cfg.loss.distance, cross_replica_mining=tcfg.cross_replica_mining,
+    step_fn = TrainStep(strategy, model, optimizer, loss_obj.call, margin=triplet_options.margin,
+                        distance=triplet_options.distance, cross_replica_mining=tcfg.cross_replica_mining,
                         clip_norm=tcfg.clip_norm, jit_compile=jit,
-                        local_replicas=info.local_replicas, step_variable=step_var)
+                        local_replicas=info.local_replicas, step_variable=step_var, head=head,
+                        triplet_weight=cfg.loss.triplet_weight)
 
     from mobilenet_embed.data import DataCounters, pk_batches
 
@@ -498,7 +543,8 @@ def _train_locked(cfg: Config, run_dir: str, fresh: bool, force: bool, out: IO[s
 
     def current_state() -> dict:
         return jsonable({"best_accuracy": best_acc, "best_step": best_step, "best_metrics": best_metrics,
-                          "last_validation": last_val, "collapse_warned": collapse_warned})
+                         "last_validation": last_val, "collapse_warned": collapse_warned,
+                         **(_head_state(head) if head is not None else {})})
 
     def validate(step: int) -> Optional[dict]:
         nonlocal best_acc, best_step, best_metrics, last_val

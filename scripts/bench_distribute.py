@@ -55,7 +55,7 @@ def _child(args) -> dict:
     from mobilenet_embed.config import load_config
     from mobilenet_embed.data import pk_batches
     from mobilenet_embed.distribute import make_strategy
-    from mobilenet_embed.losses import loss_from_config
+    from mobilenet_embed.losses import triplet_loss_from_config
     from mobilenet_embed.model import build_model_from_config
     from mobilenet_embed.optim import build_optimizer
     from mobilenet_embed.train import TrainStep
@@ -79,8 +79,9 @@ def _child(args) -> dict:
                     layer.synchronized = True
             opt = build_optimizer(cfg.train, model)
             opt.build(model.trainable_variables)
-        loss = loss_from_config(cfg.loss.name, cfg.loss.margin, cfg.loss.distance).call
-        step = TrainStep(strategy, model, opt, loss, margin=cfg.loss.margin, distance=cfg.loss.distance,
+        loss = triplet_loss_from_config(cfg.loss).call
+        step = TrainStep(strategy, model, opt, loss, margin=getattr(cfg.loss, cfg.loss.name).margin,
+                         distance=getattr(cfg.loss, cfg.loss.name).distance,
                          cross_replica_mining=cross, local_replicas=strategy.num_replicas_in_sync)
         for _ in range(args.warmup):
             float(step(images, labels, with_stats=False)["loss"])

@@ -118,7 +118,7 @@ def measure_step_in_memory(args, cfg) -> float:
     import tensorflow as tf
 
     from mobilenet_embed.data import pk_batches
-    from mobilenet_embed.losses import loss_from_config
+    from mobilenet_embed.losses import triplet_loss_from_config
     from mobilenet_embed.model import build_model_from_config
     from mobilenet_embed.optim import build_optimizer
     from mobilenet_embed.train import TrainStep
@@ -128,8 +128,9 @@ def measure_step_in_memory(args, cfg) -> float:
     opt = build_optimizer(cfg.train, model)
     opt.build(model.trainable_variables)
     step = TrainStep(tf.distribute.get_strategy(), model, opt,
-                     loss_from_config(cfg.loss.name, cfg.loss.margin, cfg.loss.distance).call,
-                     margin=cfg.loss.margin, distance=cfg.loss.distance, jit_compile=args.jit_compile)
+                     triplet_loss_from_config(cfg.loss).call,
+                     margin=getattr(cfg.loss, cfg.loss.name).margin,
+                     distance=getattr(cfg.loss, cfg.loss.name).distance, jit_compile=args.jit_compile)
     for i in range(args.warmup):
         float(step(images, labels, with_stats=i == 0)["loss"])
     float(step(images, labels, with_stats=True)["loss"])

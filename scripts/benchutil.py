@@ -21,3 +21,16 @@ def image_files(folder: str, limit: int) -> list:
         raise SystemExit(f"{folder}: image folder not found (LFW lives in ../shared/data/lfw)")
     return sorted(os.path.join(root, f) for root, _, files in os.walk(folder) for f in files
                   if f.lower().endswith((".jpg", ".jpeg", ".png")))[:limit]
+
+
+def machine_info() -> dict:
+    """CPUs, platform, Python / TensorFlow / Keras versions, GPUs and load: the JSON's "machine"."""
+    import platform
+
+    import keras
+    import tensorflow as tf
+
+    return {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+            "tensorflow": tf.__version__, "keras": keras.__version__,
+            "gpus": len(tf.config.list_physical_devices("GPU")),
+            "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}

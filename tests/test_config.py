@@ -24,7 +24,7 @@ def test_defaults_match_the_documented_sections():
     assert cfg.seed == 0 and cfg.run_dir == "runs/quickstart"
     assert (cfg.data.source, cfg.data.path, cfg.data.image_size, cfg.data.min_images_per_identity) == ("synthetic", None, 64, 2)
     assert (cfg.model.alpha, cfg.model.depth_multiplier, cfg.model.embedding_size, cfg.model.dropout_keep_prob) == (1.0, 1, 128, 0.4)
-    assert (cfg.loss.name, cfg.loss.margin, cfg.loss.distance) == ("triplet_semihard", 0.2, "squared-L2")
+    assert (cfg.loss.name, cfg.loss.triplet_semihard.margin, cfg.loss.triplet_semihard.distance) == ("triplet_semihard", 0.2, "squared-L2")
     assert (cfg.train.identities_per_batch, cfg.train.images_per_identity, cfg.train.epochs) == (16, 4, 1)
     assert (cfg.eval.pairs, cfg.eval.folds, cfg.eval.far_target) == (None, 10, 0.001)
     assert cfg.export.formats == ["saved_model"]
@@ -58,8 +58,9 @@ def test_every_key_is_documented():
     ("trian:\n  epochs: 1\n", "x.yaml: trian: unknown key"),
     ("model:\n  alpha: 0\n", "x.yaml: model.alpha: expected a number > 0, received 0"),
     ("data:\n  image_size: 16\n", "x.yaml: data.image_size: expected an integer >= 32, received 16"),
-    ("loss:\n  margin: -0.1\n", "x.yaml: loss.margin: expected a number >= 0, received -0.1"),
-    ("loss:\n  name: contrastive\n", "x.yaml: loss.name: expected one of triplet_semihard, triplet_hard, triplet_batch_all, received 'contrastive'"),
+    ("loss:\n  triplet_semihard:\n    margin: -0.1\n", "x.yaml: loss.triplet_semihard.margin: expected a number >= 0, received -0.1"),
+    ("loss:\n  margin: 0.3\n", "x.yaml: loss.margin: moved to loss.triplet_semihard.margin"),
+    ("loss:\n  name: contrastive\n", "x.yaml: loss.name: expected one of triplet_semihard, triplet_hard, triplet_batch_all, softmax, cosface, arcface, subcenter_arcface, received 'contrastive'"),
     ("train:\n  jit_compile: 1\n", "x.yaml: train.jit_compile: expected true or false, received 1"),
     ("export:\n  formats: [onnx]\n", "x.yaml: export.formats: expected a list of saved_model"),
     ("data:\n  source: folder\n", "x.yaml: data.path: required when data.source is 'folder'"),

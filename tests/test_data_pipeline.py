@@ -271,3 +271,37 @@ def test_tfrecord_errors(tmp_path):
     result = CliRunner().invoke(main, ["data", "check", "--set", "data.source=tfrecord",
                                        "--set", f"data.path={tmp_path}/x"])
     assert result.exit_code == 2 and "Error: data.path: no TFRecord data" in result.output
+
+
+def test_uniform_rows_cover_every_image_once_per_pass():
+    from mobilenet_embed.data.sampler import uniform_rows
+
+    n, batch = 31, 12  # two batches per pass, 7 images left over (others in the next pass)
+    first_pass = np.concatenate([uniform_rows(n, batch, s, seed=3).numpy() for s in (0, 1)])
+    assert len(set(first_pass.tolist())) == 24 and first_pass.min() >= 0 and first_pass.max() < n
+    assert not np.array_equal(uniform_rows(n, batch, 2, seed=3).numpy(), first_pass[:batch])
+    np.testing.assert_array_equal(uniform_rows(n, batch, 1, seed=3).numpy(), first_pass[batch:])
+    w0 = uniform_rows(n, 6, 0, seed=3, worker_index=0, num_workers=2).numpy()
+    w1 = uniform_rows(n, 6, 0, seed=3, worker_index=1, num_workers=2).numpy()
+    assert not set(w0) & set(w1)  # workers hold disjoint images at one step
+
+
+def test_uniform_sampling_batches_are_seeded_resumable_and_skip_unusable(folder):
+    cfg = config(folder, "loss.name=softmax", "data.sampling=uniform", "data.augment=false")
+    index, _ = build_index(cfg.data)
+    stream = take(pk_batches(cfg, index), 6)
+    resumed = take(pk_batches(cfg, index, start_step=4), 2)
+    for (x, y), (x2, y2) in zip(stream[4:], resumed):
+        np.testing.assert_array_equal(x, x2)
+        np.testing.assert_array_equal(y, y2)
+    labels = np.concatenate([y for _, y in stream])
+    assert len(labels) == 6 * P * K
+    usable = set(np.flatnonzero(index.counts() >= 2).tolist())
+    assert set(labels.tolist()) <= usable and len(set(labels.tolist())) >= len(usable) - 1
+    # not P x K: identities are not grouped in runs of K
+    assert any(not (y.reshape(P, K) == y.reshape(P, K)[:, :1]).all() for _, y in stream)
+    with pytest.raises(UserError, match="data.sampling: triplet losses"):
+        config(folder, "data.sampling=uniform")
+    with pytest.raises(UserError, match="at most the number of usable images"):
+        pk_batches(config(folder, "loss.name=softmax", "data.sampling=uniform", "train.identities_per_batch=9",
+                          "train.images_per_identity=4"), index)

@@ -357,7 +357,7 @@ def test_val_at_far_is_marked_undefined_with_too_few_different_pairs():
     assert val_pairs_needed(1e-3) == 1000 and val_pairs_needed(0.1) == 10
     assert few["val_defined"] is False and few["val_different_pairs_needed"] == 1000
     assert val_text(few) == "VAL@FAR=0.001 n/a (needs >= 1,000 different pairs)"
-    json.loads(json.dumps(to_jsonable(few)))  # metrics.json stays valid
+    json.loads(json.dumps(jsonable(few)))  # metrics.json stays valid
     enough = verification_metrics(d, s, n_folds=2, far_target=0.2)  # 5 different pairs: FAR 1/5 measurable
     assert enough["val_defined"] is True
     assert val_text(enough) == f"VAL {enough['val']:.4f} @ FAR {enough['far']:.4f}"

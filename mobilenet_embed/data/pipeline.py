@@ -184,8 +184,9 @@ def _batches(plans: tf.data.Dataset, load_one, finish, pk: int, start_step: int,
 
 
 def _index_plans(index: ImageIndex, sources: tuple, p: int, k: int, seed: int, start_step: int,
-                 worker_index: int, num_workers: int, min_images: int) -> tf.data.Dataset:
-    """Per-step plans over an in-memory index (folder and synthetic sources)."""
+                 worker_index: int, num_workers: int, min_images: int, sampling: str = "pk") -> tf.data.Dataset:
+    """Per-step plans over an in-memory index (folder and synthetic sources); `sampling` "pk" or
+    "uniform" (`sampler.uniform_rows`: P*K images drawn over the usable identities' images)."""
     counts_all = index.counts()
     usable = np.flatnonzero(counts_all >= max(1, min_images))
     if len(usable) < p * num_workers:
@@ -199,6 +200,9 @@ def _index_plans(index: ImageIndex, sources: tuple, p: int, k: int, seed: int, s
     labels_of = tf.constant(usable, tf.int64)
     max_count = int(counts_all[usable].max())
     sources = tuple(tf.constant(np.asarray(s)[order]) for s in sources)
+    if sampling == "uniform":
+        return _uniform_plans(counts_all, offsets_all, usable, sources, p * k, seed, start_step, worker_index,
+                              num_workers)
 
     def plan(step):
         ids = sampler.choose_identities(len(usable), p, step,
@@ -208,6 +212,29 @@ def _index_plans(index: ImageIndex, sources: tuple, p: int, k: int, seed: int, s
         rows, owners = sampler.pk_plan(offsets, counts, ids, k, key, max_count)
         picked = tuple(tf.gather(s, rows) for s in sources)
         return (*picked, tf.gather(labels_of, owners), sampler.image_draws(key, p * k), step)
+
+    return tf.data.Dataset.range(start_step, _INF).map(plan)
+
+
+def _uniform_plans(counts_all: np.ndarray, offsets_all: np.ndarray, usable: np.ndarray, sources: tuple,
+                   batch: int, seed: int, start_step: int, worker_index: int,
+                   num_workers: int) -> tf.data.Dataset:
+    """Per-step plans of `batch` images drawn uniformly (without replacement within a pass) from
+    the images of the `usable` identities of a label-sorted index."""
+    rows_all = np.concatenate([np.arange(offsets_all[u], offsets_all[u] + counts_all[u]) for u in usable])
+    if len(rows_all) < batch * num_workers:
+        who = " per worker" if num_workers > 1 else ""
+        raise UserError(f"train.identities_per_batch: with data.sampling 'uniform' P x K{who} must be at most the "
+                        f"number of usable images ({len(rows_all) // num_workers}), received {batch}")
+    rows_of = tf.constant(rows_all, tf.int64)
+    labels_of = tf.constant(np.repeat(usable, counts_all[usable]), tf.int64)
+
+    def plan(step):
+        picked_rows = sampler.uniform_rows(len(rows_all), batch, step, seed, worker_index, num_workers)
+        rows = tf.gather(rows_of, picked_rows)
+        picked = tuple(tf.gather(s, rows) for s in sources)
+        key = sampler.fold_key(seed, sampler.TAG_STEP, worker_index, step)
+        return (*picked, tf.gather(labels_of, picked_rows), sampler.image_draws(key, batch), step)
 
     return tf.data.Dataset.range(start_step, _INF).map(plan)
 
@@ -224,7 +251,9 @@ def pk_batches(cfg, index: Optional[ImageIndex] = None, start_step: int = 0, num
                counters: Optional[DataCounters] = None) -> tf.data.Dataset:
     """Endless training batches ``(images float32 [P*K, S, S, 3], labels int32 [P*K])``.
 
-    Exactly K images of each of P distinct identities per batch, identity-major; augmented when
+    With ``data.sampling: uniform``, P*K images drawn uniformly over all usable images instead
+    (`sampler.uniform_rows`; for margin heads, whose batch need not hold positive pairs).
+    Otherwise exactly K images of each of P distinct identities per batch, identity-major; augmented when
     `data.augment`. `index`: the identities and images to train on (default: `build_index` of
     `cfg.data` minus the validation identities of `split_identities`). Batch n is a function of
     (cfg.seed, worker_index, num_workers, n): ``start_step=n`` resumes the sampler. `num_replicas`:
@@ -238,7 +267,11 @@ def pk_batches(cfg, index: Optional[ImageIndex] = None, start_step: int = 0, num
         index, _, _ = train_val_indexes(cfg)
     augment = bool(data_cfg.augment)
     seed = int(cfg.seed)
+    sampling = getattr(data_cfg, "sampling", "pk")
     if data_cfg.source == "tfrecord":
+        if sampling != "pk":
+            raise UserError(f"data.sampling: '{sampling}' is not available for data.source 'tfrecord' yet "
+                            "(its shards are read by P x K rounds); use pk, or data.source folder")
         man = tfrecord.load_manifest(data_cfg.path)
         plan = tfrecord.RoundPlan(man, index, p, k, data_cfg.shuffle_buffer, worker_index, num_workers)
         plans = tfrecord.tfrecord_pk_plans(man, plan, p, k, seed, start_step, worker_index)
@@ -256,7 +289,7 @@ def pk_batches(cfg, index: Optional[ImageIndex] = None, start_step: int = 0, num
         load = _file_loader(data_cfg, augment, bool(pillow.any()))
         sources = (np.asarray(index.paths, dtype=object).astype(str), pillow)
     plans = _index_plans(index, sources, p, k, seed, start_step, worker_index, num_workers,
-                         data_cfg.min_images_per_identity)
+                         data_cfg.min_images_per_identity, sampling)
     return _batches(plans, load, _batch_finish(data_cfg, augment), p * k, start_step, counters)
 
 

@@ -11,6 +11,10 @@ Within an identity with c images, K distinct images are drawn uniformly when c >
 c < K all c images are used, in random order, and the remaining K - c slots are drawn from
 them with replacement.
 
+Uniform sampling (`uniform_rows`, ``data.sampling: uniform``): the same passes, over images
+instead of identities: a pass is a seeded permutation of all usable images cut into batches of
+P*K (shared between workers as above), so every image is seen once per pass.
+
 Keys: every random draw is ``stateless_*`` with a seed folded from (cfg.seed, a tag, ...),
 see `fold_key`, so batch n is the same whether a stream started at 0 or at ``start_step = n``.
 """
@@ -22,6 +26,7 @@ import tensorflow as tf
 TAG_PASS = 0x7A55
 TAG_STEP = 0x57E9
 TAG_ROUND = 0x20DD
+TAG_UNIFORM = 0x0F1A
 
 
 def fold_key(seed: int, tag: int, *parts) -> tf.Tensor:
@@ -47,6 +52,15 @@ def choose_identities(num_identities: tf.Tensor, p: int, step: tf.Tensor, pass_k
     perm = tf.random.experimental.stateless_shuffle(tf.range(num_identities), seed=pass_key(pass_no))
     start = (slot * group + member) * p
     return perm[start:start + p]
+
+
+def uniform_rows(num_images: int, batch: int, step: tf.Tensor, seed: int, worker_index: int = 0,
+                 num_workers: int = 1) -> tf.Tensor:
+    """Positions (int64 ``[batch]``, distinct) of the images of `step` under uniform sampling:
+    `choose_identities`' passes over images (module doc); requires ``num_images >= batch * num_workers``."""
+    return choose_identities(num_images, batch, step,
+                             lambda n: fold_key(seed, TAG_UNIFORM, num_workers, n),
+                             group=num_workers, member=worker_index)
 
 
 def choose_images(counts: tf.Tensor, k: int, key: tf.Tensor, max_count: int) -> tf.Tensor:

@@ -1,0 +1,71 @@
+"""Training with every margin head: a few steps, resume, centres in the checkpoint only."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+
+from mobilenet_embed.config import MARGIN_HEADS, load_config
+from mobilenet_embed.errors import UserError
+from mobilenet_embed.train import train
+
+TINY = [
+    "data.source=synthetic", "data.image_size=32", "data.synthetic_identities=12",
+    "data.synthetic_images_per_identity=4", "data.val_identities=0",
+    "model.alpha=0.25", "model.embedding_size=16",
+    "train.identities_per_batch=4", "train.images_per_identity=2", "train.epochs=1",
+    "train.steps_per_epoch=2", "train.log_every_steps=1", "train.checkpoint_every_steps=1",
+]
+
+# every head once; softmax with uniform sampling, ArcFace with a triplet term and Partial FC sampling
+VARIANTS = [
+    ["loss.name=softmax", "loss.softmax.scale=16", "data.sampling=uniform"],
+    ["loss.name=cosface", "loss.cosface.scale=16"],
+    ["loss.name=arcface", "loss.arcface.scale=16", "loss.triplet_weight=0.5", "loss.sample_rate=0.5"],
+    ["loss.name=subcenter_arcface", "loss.subcenter_arcface.scale=16"],
+]
+assert {v[0].split("=")[1] for v in VARIANTS} == set(MARGIN_HEADS)
+
+
+def _centres(run_dir, step):
+    import tensorflow as tf
+
+    reader = tf.train.load_checkpoint(f"{run_dir}/checkpoints/ckpt-{step:08d}/ckpt")
+    return reader.get_tensor("head/centres/.ATTRIBUTES/VARIABLE_VALUE")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("overrides", VARIANTS, ids=lambda o: o[0].split("=")[1])
+def test_every_head_trains_and_resumes(tmp_path, overrides):
+    import keras
+
+    run = str(tmp_path / "run")
+    first = train(load_config(None, TINY + overrides), run_dir=run, stream=io.StringIO())
+    assert first.steps == 2
+    k = 3 if "subcenter" in overrides[0] else 1
+    at_2 = _centres(run, 2)
+    assert at_2.shape == (12 * k, 16) and at_2.dtype == np.float32
+    assert not np.allclose(at_2, _centres(run, 1))  # the centres are trained
+    # model.keras is the embedding model alone
+    saved = keras.models.load_model(first.paths["model"])
+    assert all(tuple(w.shape) != (12 * k, 16) for w in saved.weights)
+    log = io.StringIO()
+    again = train(load_config(None, TINY + overrides + ["train.epochs=2"]), run_dir=run, stream=log)
+    assert again.resumed_from == 2 and again.steps == 4, log.getvalue()
+    assert np.isfinite(_centres(run, 4)).all()
+    assert "loss" in log.getvalue() and "nan" not in log.getvalue()
+
+
+@pytest.mark.slow
+def test_resume_with_other_identities_is_refused(tmp_path):
+    run = str(tmp_path / "run")
+    base = TINY + ["loss.name=softmax", "loss.softmax.scale=16"]
+    train(load_config(None, base), run_dir=run, stream=io.StringIO())
+    with pytest.raises(UserError) as err:
+        train(load_config(None, base + ["data.synthetic_identities=10", "train.epochs=2"]), run_dir=run,
+              stream=io.StringIO())
+    message = str(err.value)
+    assert "cannot resume" in message and "12 identities" in message and "10 x 1" in message
+    assert "\n" not in message
