@@ -132,6 +132,12 @@ from mobilenet_embed.commands.eval import eval_command  # noqa: E402
 
 main.add_command(eval_command)
 
+from mobilenet_embed.commands.gallery import enroll_command, gallery_group, search_command  # noqa: E402
+
+main.add_command(enroll_command)
+main.add_command(search_command)
+main.add_command(gallery_group)
+
 
 def run() -> None:
     """Console-script entry point."""
