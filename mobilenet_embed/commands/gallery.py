@@ -49,7 +49,7 @@ def enroll_command(cfg: Config, model: str, data: Optional[str], embeddings: Opt
                f"{index}: {result.n_identities} identities, {result.n_rows} rows ({result.seconds:.1f} s)")
 
 
-def _resolve_threshold(cfg: Config, index: str, model: Optional[str], threshold: Optional[float],
+def _resolve_threshold(index: str, model: Optional[str], threshold: Optional[float],
                        far: Optional[float], metrics: Optional[str]) -> tuple[Optional[float], str]:
     """(threshold, how it was chosen) from --threshold, or --far with eval metrics."""
     from mobilenet_embed.gallery import default_metrics_path, load_gallery, threshold_from_eval
@@ -121,7 +121,7 @@ def search_command(cfg: Config, index: str, images: tuple[str, ...], model: Opti
     """Who is on each image: the top-k enrolled identities, or "unknown" above the threshold."""
     from mobilenet_embed.gallery import search_images
 
-    t, how = _resolve_threshold(cfg, index, model, threshold, far, metrics)
+    t, how = _resolve_threshold(index, model, threshold, far, metrics)
     results, _ = search_images(cfg, index, images, model=model, top_k=top_k, threshold=t, backend=backend)
     if fmt == "auto":
         fmt = "table" if sys.stdout.isatty() else "jsonl"
