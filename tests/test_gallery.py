@@ -194,3 +194,26 @@ def test_far_threshold_from_eval_pair_distances(tmp_path):
 def test_bad_index_is_one_line(tmp_path):
     out = cli("gallery", "show", "--index", str(tmp_path))
     assert out.exit_code == 2 and "not a gallery index" in out.stderr
+
+
+def test_eval_identification_protocol_end_to_end(faces, models, tmp_path):
+    out = tmp_path / "ev"
+    res = cli("eval", "--protocol", "identification", "--model", models[0], "--data", faces[0],
+              "--make-id-protocol", "--out", str(out))
+    assert res.exit_code == 0, res.output
+    m = json.loads((out / "identification.json").read_text())
+    assert m["n_gallery_identities"] == 3 and m["n_mated_probes"] == 6 and m["n_distractor_probes"] == 0
+    assert m["rank_accuracy"]["1"] >= 0.5 and m["rank_accuracy"]["5"] == 1.0  # colours separate people
+    for name in ("cmc.png", "det.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len((out / "probe_ranks.csv").read_text().splitlines()) == 7
+    gallery_lines = [x for x in (out / "protocol" / "gallery.txt").read_text().splitlines() if not x.startswith("#")]
+    assert len(gallery_lines) == 3
+    # the written protocol reads back and gives the same numbers
+    again = cli("eval", "--protocol", "identification", "--model", models[0], "--data", faces[0],
+                "--id-protocol", str(out / "protocol"), "--out", str(tmp_path / "ev2"))
+    assert again.exit_code == 0, again.output
+    m2 = json.loads((tmp_path / "ev2" / "identification.json").read_text())
+    assert m2["cmc"] == m["cmc"]
+    bad = cli("eval", "--model", models[0], "--data", faces[0], "--gallery-mode", "templates")
+    assert bad.exit_code == 2 and "only with --protocol identification" in bad.stderr
