@@ -1,6 +1,6 @@
 """Benchmarks, side by side in one run: `python scripts/bench.py NAME [options]`.
 
-NAME is one of losses, data, train, eval, export; each lives in scripts/bench_NAME.py with a
+NAME is one of losses, data, train, eval, export, distribute, search; each lives in scripts/bench_NAME.py with a
 `main(argv) -> dict` that prints a table and writes JSON (default bench/NAME.json).
 """
 
@@ -10,7 +10,7 @@ import importlib
 import os
 import sys
 
-NAMES = ("losses", "data", "train", "eval", "export", "distribute")
+NAMES = ("losses", "data", "train", "eval", "export", "distribute", "search")
 
 
 def main(argv: list[str]) -> int:
