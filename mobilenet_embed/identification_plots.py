@@ -52,10 +52,9 @@ def plot_det(fpir: Sequence[float], fnir: Sequence[float], path: str, title: str
     fig, ax = _figure()
     ax.step(np.clip(fpir, floor, 1), np.clip(fnir, yfloor, 1), where="post", color="tab:blue", linewidth=1.5,
             label="open-set search (rank 1)")
-    for p in points or []:
-        ax.plot([max(p["fpir"], floor)], [max(1 - p["dir"], yfloor)], "o", color="tab:red", markersize=6)
-        ax.annotate(f"DIR {p['dir']:.3f} @ FPIR {p['fpir']:.3g}", (max(p["fpir"], floor), max(1 - p["dir"], yfloor)),
-                    textcoords="offset points", xytext=(6, 4), fontsize=8)
+    for p, colour in zip(points or [], ("tab:red", "tab:orange", "tab:green", "tab:purple")):
+        ax.plot([max(p["fpir"], floor)], [max(1 - p["dir"], yfloor)], "o", color=colour, markersize=6,
+                label=f"DIR {p['dir']:.3f} @ FPIR {p['fpir']:.4f} (target {p['fpir_target']:g})")
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlim(floor, 1.0)
