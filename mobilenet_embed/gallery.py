@@ -543,3 +543,37 @@ def default_metrics_path(model_path: str) -> Optional[str]:
     candidates.append(os.path.join(os.path.dirname(os.path.abspath(model_path).rstrip(os.sep)), "eval",
                                    "metrics.json"))
     return next((c for c in candidates if os.path.isfile(c)), None)
+
+
+def threshold_from_identification(path: str, fpir: float, distance: str) -> dict:
+    """The distance threshold for a false-positive identification rate `fpir` from the output of
+    `mbembed eval --protocol identification` (``identification.json`` or its folder).
+
+    `threshold_at_rate` over the best distances of the distractor probes in ``probe_ranks.csv``
+    beside it: the eval's own rule for DIR@FPIR. Returns ``threshold``, ``fpir`` (achieved),
+    ``n_distractors``, ``n_gallery_identities``, ``model_sha256`` and ``source``.
+    """
+    from mobilenet_embed.identification import threshold_at_rate
+
+    if os.path.isdir(path):
+        path = os.path.join(path, "identification.json")
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: identification metrics not found (run mbembed eval --protocol identification)")
+    try:
+        with open(path, encoding="utf-8") as fh:
+            metrics = json.load(fh)
+    except ValueError:
+        raise UserError(f"{path}: not valid JSON") from None
+    if metrics.get("distance") != distance:
+        raise UserError(f"{path}: eval distance {metrics.get('distance')!r}, the gallery compares by {distance!r}")
+    csv_path = os.path.join(os.path.dirname(path), "probe_ranks.csv")
+    if not os.path.isfile(csv_path):
+        raise UserError(f"{csv_path}: not found (written by mbembed eval --protocol identification)")
+    with open(csv_path, encoding="utf-8", newline="") as fh:
+        best = [float(r["best_distance"]) for r in csv.DictReader(fh) if r["mated"] == "0"]
+    if not best:
+        raise UserError(f"{csv_path}: no distractor probes to set an FPIR threshold on")
+    t = threshold_at_rate(best, fpir)
+    return {"threshold": t, "fpir": float(np.mean(np.asarray(best) < t)), "n_distractors": len(best),
+            "n_gallery_identities": metrics.get("n_gallery_identities"), "model_sha256": metrics.get("model_sha256"),
+            "source": csv_path}

@@ -4,8 +4,9 @@
 # 1. verification metrics of fold 10 (mbembed eval: pair_distances.csv, for `search --far`);
 # 2. the identification protocol of configs/identification/lfw_fold10 (rank-k, DIR@FPIR, CMC, DET);
 # 3. a real gallery (the protocol's 181 gallery images, linked into an identity folder), enrolled,
-#    then searched with the first two probes and the first two distractors at FAR 0.01.
-# MBEMBED overrides the command (e.g. MBEMBED="python -m mobilenet_embed.cli").
+#    then searched with the first two probes and the first two distractors at FAR 0.01 (pairs)
+#    and at FPIR 0.01 (the identification eval of step 2).
+# MBEMBED overrides the command (e.g. a wrapper that runs this checkout's mobilenet_embed.cli.run).
 set -euo pipefail
 CKPT=${1:-runs/lfw}
 OUT=${2:-results/lfw/identification}
@@ -25,3 +26,6 @@ $MBEMBED enroll --config configs/lfw.yaml --model "$CKPT" --data "$TMP/gallery" 
 QUERIES="$(grep -v '^#' $PROTO/probes.txt | head -2 | cut -f2) $(grep -v '^#' $PROTO/distractors.txt | head -2 | cut -f2)"
 (cd "$ROOT" && $MBEMBED search --index "$TMP/index" $QUERIES --far 0.01 --metrics "$TMP/eval/metrics.json" \
     --top-k 3 --format table) 2>&1 | tee "$OUT/search.log"
+# the same queries with the open-set threshold of the identification eval (FPIR 0.01)
+(cd "$ROOT" && $MBEMBED search --index "$TMP/index" $QUERIES --fpir 0.01 --identification "$OUT/identification.json" \
+    --top-k 3 --format table) 2>&1 | tee "$OUT/search_fpir.log"

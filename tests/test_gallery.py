@@ -217,3 +217,31 @@ def test_eval_identification_protocol_end_to_end(faces, models, tmp_path):
     assert m2["cmc"] == m["cmc"]
     bad = cli("eval", "--model", models[0], "--data", faces[0], "--gallery-mode", "templates")
     assert bad.exit_code == 2 and "only with --protocol identification" in bad.stderr
+
+
+def test_fpir_threshold_from_identification_eval(faces, models, tmp_path):
+    index = str(tmp_path / "g")
+    enroll(CFG, models[0], index, data=faces[0])
+    sha = load_gallery(index).model["sha256"]
+    ev = tmp_path / "id"
+    ev.mkdir()
+    (ev / "identification.json").write_text(json.dumps({"distance": "squared-L2", "n_gallery_identities": 3,
+                                                        "model_sha256": sha}))
+    rows = ["probe,identity,mated,rank,own_distance,best_identity,best_distance", "p,Ann,1,1,0.1,Ann,0.1"]
+    rows += [f"d{i},X{i},0,,,Ann,{d}" for i, d in enumerate([0.5, 0.3, 0.9, 0.7])]
+    (ev / "probe_ranks.csv").write_text("\n".join(rows) + "\n")
+    from mobilenet_embed.gallery import threshold_from_identification
+
+    found = threshold_from_identification(str(ev), 0.25, "squared-L2")
+    assert found["threshold"] == 0.5 and found["fpir"] == 0.25 and found["n_distractors"] == 4
+    query = os.path.join(faces[0], "Ann", "Ann_0001.png")
+    out = cli("search", "--index", index, query, "--fpir", "0.25", "--identification", str(ev), "--format", "jsonl")
+    assert out.exit_code == 0, out.output
+    assert json.loads(out.stdout.splitlines()[0])["threshold"] == 0.5
+    assert "for FPIR 0.25 (achieved 0.2500 on 4 distractors" in out.stderr
+    both = cli("search", "--index", index, query, "--fpir", "0.1", "--threshold", "1", "--identification", str(ev))
+    assert both.exit_code == 2 and "not --threshold and --fpir" in both.stderr
+    (ev / "identification.json").write_text(json.dumps({"distance": "squared-L2", "n_gallery_identities": 3,
+                                                        "model_sha256": "0" * 64}))
+    other = cli("search", "--index", index, query, "--fpir", "0.1", "--identification", str(ev))
+    assert other.exit_code == 2 and "another model" in other.stderr

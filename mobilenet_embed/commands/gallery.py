@@ -2,7 +2,8 @@
 
     mbembed enroll --model M --data GALLERY_DIR --out INDEX [--mode images|templates]
     mbembed enroll --model M --embeddings EXPORT_DIR --out INDEX
-    mbembed search --index INDEX IMAGES... [--top-k 5] [--threshold T | --far F [--metrics FILE]]
+    mbembed search --index INDEX IMAGES... [--top-k 5] [--threshold T | --far F [--metrics FILE]
+                   | --fpir F --identification FILE]
     mbembed gallery show --index INDEX
     mbembed gallery remove --index INDEX NAME...
 """
@@ -49,30 +50,47 @@ def enroll_command(cfg: Config, model: str, data: Optional[str], embeddings: Opt
                f"{index}: {result.n_identities} identities, {result.n_rows} rows ({result.seconds:.1f} s)")
 
 
-def _resolve_threshold(index: str, model: Optional[str], threshold: Optional[float],
-                       far: Optional[float], metrics: Optional[str]) -> tuple[Optional[float], str]:
-    """(threshold, how it was chosen) from --threshold, or --far with eval metrics."""
-    from mobilenet_embed.gallery import default_metrics_path, load_gallery, threshold_from_eval
+def _resolve_threshold(index: str, model: Optional[str], threshold: Optional[float], far: Optional[float],
+                       metrics: Optional[str], fpir: Optional[float], identification: Optional[str]
+                       ) -> tuple[Optional[float], str]:
+    """(threshold, how it was chosen) from --threshold, --far with eval metrics, or --fpir with
+    identification metrics."""
+    from mobilenet_embed.gallery import (default_metrics_path, load_gallery, threshold_from_eval,
+                                         threshold_from_identification)
 
-    if threshold is not None and far is not None:
-        raise UserError("mbembed search: give --threshold or --far, not both")
+    chosen = [k for k, v in (("--threshold", threshold), ("--far", far), ("--fpir", fpir)) if v is not None]
+    if len(chosen) > 1:
+        raise UserError(f"mbembed search: give one of --threshold, --far and --fpir, not {' and '.join(chosen)}")
     if metrics is not None and far is None:
         raise UserError("mbembed search: --metrics is only used with --far F")
-    if far is None:
+    if (identification is None) != (fpir is None):
+        raise UserError("mbembed search: --fpir F and --identification FILE go together")
+    if far is None and fpir is None:
         return threshold, (f"threshold {threshold:g}" if threshold is not None else
-                           "no threshold: closed set (give --threshold T or --far F to say unknown)")
+                           "no threshold: closed set (give --threshold T, --far F or --fpir F to say unknown)")
     gallery = load_gallery(index)
+    distance = gallery.model["distance"]
+    if fpir is not None:
+        found = threshold_from_identification(identification, fpir, distance)
+        if found["model_sha256"] != gallery.model["sha256"]:
+            raise UserError(f"--identification {identification}: measured with another model than the gallery's")
+        if found["n_gallery_identities"] != len(gallery.identities()):
+            click.echo(f"Warning: {identification}: measured with a gallery of {found['n_gallery_identities']} "
+                       f"identities, this one has {len(gallery.identities())}; FPIR grows with the gallery", err=True)
+        return found["threshold"], (f"threshold {found['threshold']:.4f} ({distance}) for FPIR {fpir:g} "
+                                    f"(achieved {found['fpir']:.4f} on {found['n_distractors']} distractors of "
+                                    f"{found['source']})")
     if metrics is None:
         metrics = default_metrics_path(model or gallery.model["path"])
         if metrics is None:
             raise UserError(f"--far: no eval metrics found for the model {model or gallery.model['path']} "
                             "(run mbembed eval on it, or give --metrics METRICS_JSON)")
-    found = threshold_from_eval(metrics, far, gallery.model["distance"])
+    found = threshold_from_eval(metrics, far, distance)
     for key in ("image_size", "crop_fraction", "flip"):
         if found.get(key) is not None and found[key] != gallery.model[key]:
             click.echo(f"Warning: {metrics}: eval {key} {found[key]!r} differs from the gallery's "
                        f"{gallery.model[key]!r}; the threshold may not hold", err=True)
-    return found["threshold"], (f"threshold {found['threshold']:.4f} ({gallery.model['distance']}) for FAR {far:g} "
+    return found["threshold"], (f"threshold {found['threshold']:.4f} ({distance}) for FAR {far:g} "
                                 f"(achieved {found['far']:.4f} on {found['n_different']} different pairs of "
                                 f"{found['source']})")
 
@@ -110,18 +128,23 @@ def _csv(results) -> str:
               help="Threshold at this false-accept rate of mbembed eval's different pairs.")
 @click.option("--metrics", default=None, metavar="FILE",
               help="eval metrics.json (or its folder) for --far (default: the model's run's eval/metrics.json).")
+@click.option("--fpir", default=None, type=click.FloatRange(0, 1),
+              help="Threshold at this false-positive identification rate of an identification eval "
+                   "(open set: the rate at which strangers are named).")
+@click.option("--identification", default=None, metavar="FILE",
+              help="identification.json (or its folder) of mbembed eval --protocol identification, for --fpir.")
 @click.option("--backend", default="numpy", show_default=True,
               type=click.Choice(("numpy", "tensorflow", "faiss-flat", "faiss-ivf", "faiss-hnsw")),
               help="Search backend (faiss-*: pip install 'mobilenet-embed[search]').")
 @click.option("--format", "fmt", default="auto", show_default=True, type=click.Choice(OUTPUT_FORMATS),
               help="auto: a table on a terminal, JSON lines otherwise.")
 def search_command(cfg: Config, index: str, images: tuple[str, ...], model: Optional[str], top_k: int,
-                   threshold: Optional[float], far: Optional[float], metrics: Optional[str], backend: str,
-                   fmt: str) -> None:
+                   threshold: Optional[float], far: Optional[float], metrics: Optional[str], fpir: Optional[float],
+                   identification: Optional[str], backend: str, fmt: str) -> None:
     """Who is on each image: the top-k enrolled identities, or "unknown" above the threshold."""
     from mobilenet_embed.gallery import search_images
 
-    t, how = _resolve_threshold(index, model, threshold, far, metrics)
+    t, how = _resolve_threshold(index, model, threshold, far, metrics, fpir, identification)
     results, _ = search_images(cfg, index, images, model=model, top_k=top_k, threshold=t, backend=backend)
     if fmt == "auto":
         fmt = "table" if sys.stdout.isatty() else "jsonl"
