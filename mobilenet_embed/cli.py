@@ -13,9 +13,11 @@ from typing import Any
 import click
 
 from mobilenet_embed import __version__
+from mobilenet_embed.commands.align import align
 from mobilenet_embed.commands.data import data_group, prepare
 from mobilenet_embed.commands.eval import eval_command
 from mobilenet_embed.commands.export import export
+from mobilenet_embed.commands.gallery import enroll_command, gallery_group, search_command
 from mobilenet_embed.commands.options import config_options
 from mobilenet_embed.commands.train import train
 from mobilenet_embed.config import Config, dump_yaml
@@ -111,9 +113,10 @@ main.add_command(data_group)
 main.add_command(prepare)
 main.add_command(eval_command)
 
-from mobilenet_embed.commands.align import align  # noqa: E402
-
 main.add_command(align)
+main.add_command(enroll_command)
+main.add_command(search_command)
+main.add_command(gallery_group)
 
 
 def run() -> None:

@@ -1,7 +1,7 @@
 """Benchmarks, side by side in one run: `python scripts/bench.py NAME [options]`.
 
-NAME is one of losses, data, train, eval, export, distribute, align, scale, heads; each lives in
-scripts/bench_NAME.py with a
+NAME is one of losses, data, train, eval, export, distribute, align, scale, heads, search; each lives
+in scripts/bench_NAME.py with a
 `main(argv) -> dict` that prints a table and writes JSON (default bench/NAME.json).
 """
 
@@ -11,7 +11,7 @@ import importlib
 import os
 import sys
 
-NAMES = ("losses", "data", "train", "eval", "export", "distribute", "align", "scale", "heads")
+NAMES = ("losses", "data", "train", "eval", "export", "distribute", "align", "scale", "heads", "search")
 
 
 def main(argv: list[str]) -> int:
