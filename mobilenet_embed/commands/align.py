@@ -13,7 +13,7 @@ import click
 
 from mobilenet_embed.align.alignment import DEFAULT_CENTER_CROP, NO_FACE_CHOICES, SELECT_CHOICES
 from mobilenet_embed.align.templates import TEMPLATE_NAMES
-from mobilenet_embed.cli import config_options
+from mobilenet_embed.commands.options import config_options
 from mobilenet_embed.config import Config
 from mobilenet_embed.errors import UserError
 

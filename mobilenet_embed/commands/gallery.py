@@ -18,7 +18,7 @@ from typing import Optional
 
 import click
 
-from mobilenet_embed.cli import config_options
+from mobilenet_embed.commands.options import config_options
 from mobilenet_embed.config import Config
 from mobilenet_embed.errors import UserError
 
