@@ -78,7 +78,8 @@ def evaluate_identification(cfg: Config, checkpoint: Optional[str] = None, model
                             log: Callable[[str], None] = lambda line: None) -> IdentificationResult:
     """Identification metrics of a checkpoint or exported model on a protocol (see the module doc)."""
     from mobilenet_embed.evaluate import _default_out_dir
-    from mobilenet_embed.gallery import Gallery, add_to_gallery, embed_images, load_model, write_atomic
+    from mobilenet_embed.atomic import atomic_write
+    from mobilenet_embed.gallery import Gallery, add_to_gallery, embed_images, load_model
     from mobilenet_embed.identification import det_curve, identification_metrics
     from mobilenet_embed.identification_plots import plot_cmc, plot_det
     from mobilenet_embed.search import identity_distance_matrix
@@ -128,11 +129,11 @@ def evaluate_identification(cfg: Config, checkpoint: Optional[str] = None, model
         with open(tmp, "w", encoding="utf-8") as fh:
             json.dump({**metrics, "det": {k: [float(x) for x in v] for k, v in det.items()}}, fh, indent=1)
 
-    write_atomic(files["identification.json"], write_json)
-    write_atomic(files["cmc.png"], lambda tmp: plot_cmc(metrics["cmc"], tmp, title=f"CMC: {name}"))
-    write_atomic(files["det.png"], lambda tmp: plot_det(det["fpir"], det["fnir"], tmp, title=f"DET: {name}",
+    atomic_write(files["identification.json"], write_json)
+    atomic_write(files["cmc.png"], lambda tmp: plot_cmc(metrics["cmc"], tmp, title=f"CMC: {name}"))
+    atomic_write(files["det.png"], lambda tmp: plot_det(det["fpir"], det["fnir"], tmp, title=f"DET: {name}",
                                                         points=metrics["open_set"]))
-    write_atomic(files["probe_ranks.csv"], lambda tmp: _write_probe_csv(tmp, probes, labels, dist, names))
+    atomic_write(files["probe_ranks.csv"], lambda tmp: _write_probe_csv(tmp, probes, labels, dist, names))
     return IdentificationResult(metrics, files)
 
 

@@ -28,12 +28,12 @@ import glob
 import hashlib
 import json
 import os
-import tempfile
 import time
 from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
 import numpy as np
 
+from mobilenet_embed import atomic
 from mobilenet_embed.errors import UserError
 from mobilenet_embed.search import DISTANCES, identity_search, make_backend
 
@@ -49,27 +49,6 @@ SPOT_CHECK_COSINE = 0.999
 
 
 # --------------------------------------------------------------------------- files
-
-
-def write_atomic(path: str, write: Callable[[str], None]) -> None:
-    """`write(tmp)` to a temporary file in `path`'s folder, fsync it, rename it to `path`, fsync
-    the folder: `path` is the old file or the whole new one, even after a crash."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.splitext(path)[1], dir=folder)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-        dir_fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _hash_files(path: str) -> str:
@@ -142,8 +121,8 @@ def save_gallery(gallery: Gallery, folder: str) -> str:
     if emb.shape != (len(gallery.rows), int(gallery.model["embedding_size"])):
         raise ValueError(f"embeddings {emb.shape} do not match {len(gallery.rows)} rows")
     name = _embeddings_name(gallery.generation)
-    write_atomic(os.path.join(folder, name), lambda tmp: np.save(tmp, emb))
-    write_atomic(meta_path, lambda tmp: _dump_json(tmp, gallery.to_json()))
+    atomic.atomic_write(os.path.join(folder, name), lambda tmp: np.save(tmp, emb))
+    atomic.atomic_write(meta_path, lambda tmp: _dump_json(tmp, gallery.to_json()))
     for old in glob.glob(os.path.join(folder, "embeddings-*.npy")):
         if os.path.basename(old) != name:
             os.unlink(old)
@@ -228,7 +207,7 @@ def load_model(cfg: "Config", path: str, recorded: Optional[dict] = None,
 
 def embed_images(loaded: LoadedModel, paths: Sequence[str], batch_size: int = 64) -> np.ndarray:
     """Embeddings [N, D] of image files, preprocessed as `loaded` records (flip included)."""
-    from mobilenet_embed.embedding import embed_paths
+    from mobilenet_embed.verification import embed_paths
 
     return embed_paths(loaded.embedder, loaded.data_cfg, list(paths), batch_size,
                        flip=loaded.info["flip"])
@@ -464,7 +443,7 @@ def search_images(cfg: "Config", index: str, images: Sequence[str], model: Optio
 
 def expand_images(images: Sequence[str]) -> list[str]:
     """Files as given, folders replaced by the image files below them (sorted)."""
-    from mobilenet_embed.pairs import IMAGE_EXTENSIONS
+    from mobilenet_embed.image_files import IMAGE_EXTENSIONS
 
     exts = tuple(e.lower() for e in IMAGE_EXTENSIONS)
     out = []
@@ -536,7 +515,7 @@ def threshold_from_eval(metrics_path: str, far: float, distance: str) -> dict:
 def default_metrics_path(model_path: str) -> Optional[str]:
     """``<run>/eval/metrics.json`` of the run the model comes from (what `mbembed eval` writes by
     default), or ``eval/metrics.json`` beside an exported model; None when neither exists."""
-    from mobilenet_embed.embedders import run_config_path
+    from mobilenet_embed.checkpoints import run_config_path
 
     found = run_config_path(model_path)
     candidates = [os.path.join(os.path.dirname(found), "eval", "metrics.json")] if found else []

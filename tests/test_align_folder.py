@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from mobilenet_embed import atomic
 from mobilenet_embed.align.alignment import AlignSpec
 from mobilenet_embed.align.detector import Face
 from mobilenet_embed.align.folder import JOURNAL, REPORT, align_folder, read_journal
@@ -104,13 +105,13 @@ def test_resume_does_not_redo_done_files(raw, tmp_path):
     first = {rel: os.stat(out / e["out"]).st_mtime_ns for rel, e in done.items() if e["out"]}
     with open(out / JOURNAL, "a") as fh:
         fh.write('{"file": "half a li')  # the tail of a line cut by the kill
-    (out / "ann" / ".a2.png.tmp-4242").write_bytes(b"half a crop")  # a write cut by the kill
+    (out / "ann" / f"{atomic.TMP_PREFIX}a2.png-x1y2.png").write_bytes(b"half a crop")  # a write cut by the kill
     det = StandIn()
     report = align_folder(str(raw), str(out), spec, det, batch_size=2, progress=False, log=lambda *_: None)
     assert det.images == 3  # 5 readable images, 2 done before
     assert {rel: os.stat(out / done[rel]["out"]).st_mtime_ns for rel in first} == first
     assert report["this_run"]["resumed"] == 2 and report["runs"] == 2
-    assert not (out / "ann" / ".a2.png.tmp-4242").exists()
+    assert not (out / "ann" / f"{atomic.TMP_PREFIX}a2.png-x1y2.png").exists()
     assert (report["aligned"], report["no_face"], report["several_faces"], report["pending"]) == (4, 1, 1, 0)
     det = StandIn()
     again = align_folder(str(raw), str(out), spec, det, batch_size=2, progress=False, log=lambda *_: None)

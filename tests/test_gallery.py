@@ -15,7 +15,7 @@ from mobilenet_embed.errors import UserError
 from mobilenet_embed.gallery import (enroll, load_gallery, remove_identities, search_images,
                                      threshold_from_eval)
 from mobilenet_embed.model import build_embedding_model
-from modelutil import he_initialise
+from harness import he_initialise
 
 
 def _faces(root, names, n=3, seed=0):
@@ -162,7 +162,7 @@ def test_remove_identity(faces, models, tmp_path):
 
 
 def test_enroll_from_an_embeddings_export(faces, models, tmp_path):
-    from mobilenet_embed.export import export_embeddings
+    from mobilenet_embed.export_embeddings import export_embeddings
 
     export_embeddings(CFG, models[0], faces[0], str(tmp_path / "exp"), progress=False)
     from_export = str(tmp_path / "a")

@@ -26,13 +26,13 @@ from __future__ import annotations
 import io
 import json
 import os
-import re
 import time
 import uuid
 from typing import Callable, Optional
 
 from mobilenet_embed.align.alignment import ALIGNED, CENTER, SKIPPED, AlignSpec, iter_aligned
 from mobilenet_embed.align.detector import FaceDetector
+from mobilenet_embed import atomic
 from mobilenet_embed.errors import UserError
 
 JOURNAL = "align_journal.jsonl"
@@ -59,21 +59,12 @@ def encode_image(image, name: str) -> bytes:
     return buf.getvalue()
 
 
-def write_atomic(path: str, data: bytes) -> None:
-    """Write `data` to `path` through a hidden temporary file in the same folder and a rename."""
-    folder, name = os.path.split(path)
-    tmp = os.path.join(folder, f".{name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-    os.replace(tmp, path)
-
-
 def remove_stale_temporaries(out_dir: str) -> int:
-    """Delete the hidden temporary files (``.NAME.tmp-PID``) a killed run left in `out_dir`."""
+    """Delete the hidden temporary files (`atomic.TMP_PREFIX`...) a killed run left in `out_dir`."""
     removed = 0
     for folder, _, names in os.walk(out_dir):
         for name in names:
-            if name.startswith(".") and re.search(r"\.tmp-\d+$", name):
+            if name.startswith(atomic.TMP_PREFIX):
                 os.remove(os.path.join(folder, name))
                 removed += 1
     return removed
@@ -212,7 +203,7 @@ def align_folder(data_dir: str, out_dir: str, spec: AlignSpec, detector: Optiona
                     if result.image is not None:
                         target = os.path.join(out_dir, out_rel)
                         os.makedirs(os.path.dirname(target), exist_ok=True)
-                        write_atomic(target, encode_image(result.image, out_rel))
+                        atomic.write_bytes(target, encode_image(result.image, out_rel))
                     entry = {"file": rel[path], "status": result.status, "faces": result.faces,
                              "out": out_rel if result.image is not None else None, "stat": stat[path]}
                     entries[rel[path]] = entry
@@ -233,7 +224,7 @@ def align_folder(data_dir: str, out_dir: str, spec: AlignSpec, detector: Optiona
     current = {rel[p] for p in good}  # files removed from --data (or unreadable now) no longer count
     report = build_report(data_dir, out_dir, wanted, len(paths),
                           {k: e for k, e in entries.items() if k in current}, bad, runs, this_run)
-    write_atomic(os.path.join(out_dir, REPORT), json.dumps(report, indent=1).encode("utf-8"))
+    atomic.write_bytes(os.path.join(out_dir, REPORT), json.dumps(report, indent=1).encode("utf-8"))
     if interrupted:
         raise KeyboardInterrupt
     return report
