@@ -129,22 +129,12 @@ def _settings(spec: AlignSpec, detector_name: str, detector_settings: dict) -> d
     return dict(spec.as_dict(), detector=detector_name, **detector_settings, version=JOURNAL_VERSION)
 
 
-def align_folder(data_dir: str, out_dir: str, spec: AlignSpec, detector: Optional[FaceDetector] = None,
-                 batch_size: int = 16, check_cache: Optional[str] = None, progress: bool = True,
-                 log: Callable[[str], None] = print) -> dict:
-    """Align every image of the identity folder `data_dir` into `out_dir` (see the module doc).
-
-    Returns the report (also written to ``out_dir/align_report.json``). UserError for a missing
-    or empty `data_dir`, an `out_dir` inside it (or equal to it), or a journal of other settings.
-    """
-    from tqdm import tqdm
-
-    from mobilenet_embed.align.detector import make_detector
+def _sources(data_dir: str, out_dir: str, check_cache: Optional[str]):
+    """(identity files, stats, ignored count, every image path, decode check, bad [(path, reason)],
+    readable paths) of `data_dir`, after refusing a missing one or an `out_dir` inside it."""
     from mobilenet_embed.data import decode
     from mobilenet_embed.data.index import scan_folder
 
-    t0 = time.perf_counter()
-    data_dir, out_dir = str(data_dir), str(out_dir)
     if not os.path.isdir(data_dir):
         raise UserError(f"--data: folder not found: {data_dir}" if not os.path.exists(data_dir)
                         else f"--data: not a folder: {data_dir}")
@@ -160,6 +150,57 @@ def align_folder(data_dir: str, out_dir: str, spec: AlignSpec, detector: Optiona
     check = decode.check_files(paths, check_cache, root=data_dir, stats=stats)
     bad = [(p, check.results[p].reason) for p in paths if not check.results[p].ok]
     good = [p for p in paths if check.results[p].ok]
+    return files, stats, ignored, paths, check, bad, good
+
+
+def _start_journal(journal, settings: Optional[dict], wanted: dict) -> None:
+    """Put the journal on a fresh line (a killed run may have cut one) and record the settings once."""
+    if journal.tell() > 0:
+        journal.seek(journal.tell() - 1)
+        if journal.read(1) != "\n":
+            journal.write("\n")
+    if settings is None:
+        journal.write(json.dumps({"settings": wanted}) + "\n")
+
+
+def _align_into(todo: list, pillow: list, rel: dict, stat: dict, out_dir: str, spec: AlignSpec, detector,
+                batch_size: int, journal, entries: dict, counts: dict, run_id: str, t_run: float, bar) -> None:
+    """Align `todo` batch by batch: write each crop atomically, then journal the batch's entries."""
+    for batch_paths, results in iter_aligned(todo, spec, detector, batch_size, pillow):
+        lines = []
+        for path, result in zip(batch_paths, results):
+            out_rel = output_name(rel[path])
+            if result.image is not None:
+                target = os.path.join(out_dir, out_rel)
+                os.makedirs(os.path.dirname(target), exist_ok=True)
+                atomic.write_bytes(target, encode_image(result.image, out_rel))
+            entry = {"file": rel[path], "status": result.status, "faces": result.faces,
+                     "out": out_rel if result.image is not None else None, "stat": stat[path]}
+            entries[rel[path]] = entry
+            counts[result.status] += 1
+            lines.append(json.dumps(entry))
+        lines.append(json.dumps({"run": run_id, "elapsed": round(time.perf_counter() - t_run, 3)}))
+        journal.write("\n".join(lines) + "\n")
+        journal.flush()
+        bar.update(len(batch_paths))
+
+
+def align_folder(data_dir: str, out_dir: str, spec: AlignSpec, detector: Optional[FaceDetector] = None,
+                 batch_size: int = 16, check_cache: Optional[str] = None, progress: bool = True,
+                 log: Callable[[str], None] = print) -> dict:
+    """Align every image of the identity folder `data_dir` into `out_dir` (see the module doc).
+
+    Returns the report (also written to ``out_dir/align_report.json``). UserError for a missing
+    or empty `data_dir`, an `out_dir` inside it (or equal to it), or a journal of other settings.
+    """
+    from tqdm import tqdm
+
+    from mobilenet_embed.align.detector import make_detector
+    from mobilenet_embed.data import decode
+
+    t0 = time.perf_counter()
+    data_dir, out_dir = str(data_dir), str(out_dir)
+    files, stats, ignored, paths, check, bad, good = _sources(data_dir, out_dir, check_cache)
 
     detector = detector if detector is not None else make_detector()
     detector_name = getattr(detector, "name", type(detector).__name__)
@@ -190,29 +231,9 @@ def align_folder(data_dir: str, out_dir: str, spec: AlignSpec, detector: Optiona
     interrupted = False
     try:
         with open(journal_path, "a+", encoding="utf-8") as journal:
-            if journal.tell() > 0:  # a killed run may have left half a line: start on a fresh one
-                journal.seek(journal.tell() - 1)
-                if journal.read(1) != "\n":
-                    journal.write("\n")
-            if settings is None:
-                journal.write(json.dumps({"settings": wanted}) + "\n")
-            for batch_paths, results in iter_aligned(todo, spec, detector, batch_size, pillow):
-                lines = []
-                for path, result in zip(batch_paths, results):
-                    out_rel = output_name(rel[path])
-                    if result.image is not None:
-                        target = os.path.join(out_dir, out_rel)
-                        os.makedirs(os.path.dirname(target), exist_ok=True)
-                        atomic.write_bytes(target, encode_image(result.image, out_rel))
-                    entry = {"file": rel[path], "status": result.status, "faces": result.faces,
-                             "out": out_rel if result.image is not None else None, "stat": stat[path]}
-                    entries[rel[path]] = entry
-                    counts[result.status] += 1
-                    lines.append(json.dumps(entry))
-                lines.append(json.dumps({"run": run_id, "elapsed": round(time.perf_counter() - t_run, 3)}))
-                journal.write("\n".join(lines) + "\n")
-                journal.flush()
-                bar.update(len(batch_paths))
+            _start_journal(journal, settings, wanted)
+            _align_into(todo, pillow, rel, stat, out_dir, spec, detector, batch_size, journal, entries, counts,
+                        run_id, t_run, bar)
     except KeyboardInterrupt:
         interrupted = True
     finally:
