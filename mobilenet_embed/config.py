@@ -100,9 +100,8 @@ class TripletHardOptions:
 
 
 @dataclass
-class TripletBatchAllOptions:
-    margin: float = _spec(0.2, low=0.0, doc="triplet margin")
-    distance: str = _spec("squared-L2", choices=_DISTANCES, doc="distance the loss uses")
+class TripletBatchAllOptions(TripletSemiHardOptions):
+    """Batch-all triplets take the semi-hard options (margin, distance)."""
 
 
 @dataclass

@@ -134,15 +134,20 @@ def _dump_json(path: str, data: dict) -> None:
         json.dump(data, fh, indent=1)
 
 
-def _read_meta(folder: str) -> dict:
-    path = os.path.join(folder, META_NAME)
+def _load_json(path: str, missing: str) -> dict:
+    """The JSON file `path`; UserError `missing` when it is absent, or naming it when it is not JSON."""
     if not os.path.isfile(path):
-        raise UserError(f"{folder}: not a gallery index (no {META_NAME}; make one with mbembed enroll)")
+        raise UserError(missing)
     try:
         with open(path, encoding="utf-8") as fh:
-            meta = json.load(fh)
+            return json.load(fh)
     except ValueError as exc:
         raise UserError(f"{path}: not valid JSON ({exc})") from None
+
+
+def _read_meta(folder: str) -> dict:
+    path = os.path.join(folder, META_NAME)
+    meta = _load_json(path, f"{folder}: not a gallery index (no {META_NAME}; make one with mbembed enroll)")
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise UserError(f"{path}: not an mbembed gallery (format {meta.get('format') if isinstance(meta, dict) else None!r})")
     if meta.get("version") != VERSION:
@@ -479,18 +484,8 @@ def threshold_from_eval(metrics_path: str, far: float, distance: str) -> dict:
     from mobilenet_embed.identification import threshold_at_rate
     from mobilenet_embed.metrics import threshold_at_far
 
-    if os.path.isdir(metrics_path):
-        metrics_path = os.path.join(metrics_path, "metrics.json")
-    if not os.path.isfile(metrics_path):
-        raise UserError(f"{metrics_path}: eval metrics not found (run mbembed eval, or give --metrics FILE)")
-    try:
-        with open(metrics_path, encoding="utf-8") as fh:
-            metrics = json.load(fh)
-    except ValueError:
-        raise UserError(f"{metrics_path}: not valid JSON") from None
-    if metrics.get("distance") != distance:
-        raise UserError(f"{metrics_path}: eval distance {metrics.get('distance')!r}, the gallery compares "
-                        f"by {distance!r}")
+    metrics_path, metrics = _read_eval_json(metrics_path, "metrics.json", distance,
+                                            "eval metrics not found (run mbembed eval, or give --metrics FILE)")
     csv_path = os.path.join(os.path.dirname(metrics_path), "pair_distances.csv")
     out = {key: metrics.get(key) for key in ("image_size", "crop_fraction", "flip", "model")}
     if os.path.isfile(csv_path):
@@ -510,6 +505,17 @@ def threshold_from_eval(metrics_path: str, far: float, distance: str) -> dict:
     out.update(threshold=t, far=float(np.interp(t, thresholds, fpr)), source=metrics_path,
                n_different=metrics.get("n_diff"))
     return out
+
+
+def _read_eval_json(path: str, name: str, distance: str, missing: str) -> tuple[str, dict]:
+    """(file, contents) of an eval output `name` (given as the file or its folder), refusing a
+    missing or invalid file and one measured with another distance than the gallery's."""
+    if os.path.isdir(path):
+        path = os.path.join(path, name)
+    metrics = _load_json(path, f"{path}: {missing}")
+    if metrics.get("distance") != distance:
+        raise UserError(f"{path}: eval distance {metrics.get('distance')!r}, the gallery compares by {distance!r}")
+    return path, metrics
 
 
 def default_metrics_path(model_path: str) -> Optional[str]:
@@ -534,17 +540,8 @@ def threshold_from_identification(path: str, fpir: float, distance: str) -> dict
     """
     from mobilenet_embed.identification import threshold_at_rate
 
-    if os.path.isdir(path):
-        path = os.path.join(path, "identification.json")
-    if not os.path.isfile(path):
-        raise UserError(f"{path}: identification metrics not found (run mbembed eval --protocol identification)")
-    try:
-        with open(path, encoding="utf-8") as fh:
-            metrics = json.load(fh)
-    except ValueError:
-        raise UserError(f"{path}: not valid JSON") from None
-    if metrics.get("distance") != distance:
-        raise UserError(f"{path}: eval distance {metrics.get('distance')!r}, the gallery compares by {distance!r}")
+    path, metrics = _read_eval_json(path, "identification.json", distance,
+                                    "identification metrics not found (run mbembed eval --protocol identification)")
     csv_path = os.path.join(os.path.dirname(path), "probe_ranks.csv")
     if not os.path.isfile(csv_path):
         raise UserError(f"{csv_path}: not found (written by mbembed eval --protocol identification)")

@@ -68,7 +68,7 @@ def test_every_key_is_documented():
     ("- 1\n- 2\n", "x.yaml: expected a mapping of sections"),
     ("train:\n  learning_rate: .nan\n", "x.yaml: train.learning_rate: expected a number > 0 (not NaN or infinite), received nan"),
     ("train:\n  learning_rate: .inf\n", "x.yaml: train.learning_rate: expected a number > 0 (not NaN or infinite), received inf"),
-    ("loss:\n  margin: -.inf\n", "x.yaml: loss.margin: expected a number >= 0 (not NaN or infinite), received -inf"),
+    ("loss:\n  triplet_semihard:\n    margin: -.inf\n", "x.yaml: loss.triplet_semihard.margin: expected a number >= 0 (not NaN or infinite), received -inf"),
     ("train:\n  lr_schedule: piecewise\n  lr_piecewise: [[0, .nan]]\n",
      "x.yaml: train.lr_piecewise: expected a list (not NaN or infinite), received [[0, nan]]"),
     ("train:\n  steps_per_epoch: 1.0e+23\n", "x.yaml: train.steps_per_epoch: expected an integer >= 1, received 1e+23"),
