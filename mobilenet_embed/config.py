@@ -177,8 +177,9 @@ def _loss_moved_key(self, key: str, updates: dict) -> Optional[str]:
 def migrate_flat_loss_keys(data: dict) -> dict:
     """A saved run config of mbembed <= 0.1 (flat ``loss.margin/distance/soft``) in the nested form.
 
-    Used when reading a run directory's own ``config.yaml`` (written by mbembed, so it is moved
-    as is); a user's config file with flat keys gets the one-line "moved to" error instead.
+    Used when reading a run directory's own ``config.yaml`` (written by mbembed: it carries a
+    ``versions:`` block), also as ``--config``; a user's config file with flat keys gets the
+    one-line "moved to" error instead.
     """
     loss = data.get("loss")
     if not isinstance(loss, dict) or not any(k in loss for k in _FLAT_LOSS_KEYS):
@@ -528,6 +529,8 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
             data = {}
         if not isinstance(data, dict):
             raise UserError(f"{source}: expected a mapping of sections at the top level, received {_describe(data)}")
+        if "versions" in data:  # a run's own config.yaml (older ones have flat loss keys)
+            data = migrate_flat_loss_keys(data)
         _apply(cfg, _settings(data), "", source)
     for text in overrides:
         key, value = parse_override(text)

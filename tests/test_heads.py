@@ -330,3 +330,20 @@ def test_saved_run_config_with_flat_loss_keys_still_reads(tmp_path):
     assert (cfg.loss.triplet_hard.margin, cfg.loss.triplet_hard.distance, cfg.loss.triplet_hard.soft) == (0.3, "L2", True)
     semi = config_from_dict({"loss": {"name": "triplet_semihard", "margin": 0.25, "distance": "L2", "soft": False}})
     assert semi.loss.triplet_semihard.margin == 0.25 and semi.loss.triplet_hard.soft is False
+
+
+def test_old_run_config_file_reads_as_config_option(tmp_path):
+    """`--config RUN/config.yaml` of a run written with flat loss keys (it carries `versions:`)
+    reads as written; the same keys in a hand-written file without `versions:` are refused."""
+    from mobilenet_embed.config import load_config
+    from mobilenet_embed.errors import UserError
+
+    body = "loss:\n  name: triplet_hard\n  margin: 0.3\n  distance: L2\n  soft: true\n"
+    run_cfg = tmp_path / "config.yaml"
+    run_cfg.write_text(body + "versions:\n  mbembed: 0.1.0\n")
+    cfg = load_config(str(run_cfg), [])
+    assert (cfg.loss.triplet_hard.margin, cfg.loss.triplet_hard.distance, cfg.loss.triplet_hard.soft) == (0.3, "L2", True)
+    hand = tmp_path / "mine.yaml"
+    hand.write_text(body)
+    with pytest.raises(UserError, match="loss.margin: moved to loss.triplet_hard.margin"):
+        load_config(str(hand), [])
