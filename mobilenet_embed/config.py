@@ -83,19 +83,21 @@ class ModelConfig:
 
 # ---- loss: one registry of choices, each with its own options nested under its name
 
-_DISTANCES = ("L2", "squared-L2", "angular")
+#: distances the triplet losses mine with, and those verification / search compare by
+LOSS_DISTANCES = ("L2", "squared-L2", "angular")
+EVAL_DISTANCES = ("squared-L2", "cosine")
 
 
 @dataclass
 class TripletSemiHardOptions:
     margin: float = _spec(0.2, low=0.0, doc="triplet margin")
-    distance: str = _spec("squared-L2", choices=_DISTANCES, doc="distance the loss uses")
+    distance: str = _spec("squared-L2", choices=LOSS_DISTANCES, doc="distance the loss uses")
 
 
 @dataclass
 class TripletHardOptions:
     margin: float = _spec(0.2, low=0.0, doc="triplet margin (unused when soft)")
-    distance: str = _spec("squared-L2", choices=_DISTANCES, doc="distance the loss uses")
+    distance: str = _spec("squared-L2", choices=LOSS_DISTANCES, doc="distance the loss uses")
     soft: bool = _spec(False, doc="softplus instead of the margin hinge")
 
 
@@ -287,7 +289,7 @@ class EvalConfig:
     pairs_folds: Optional[list] = _spec(None, doc="use only these folds of a View 2 pairs file, e.g. [10]")
     folds: int = _spec(10, low=2, doc="cross-validation folds")
     far_target: float = _spec(0.001, low=0.0, high=1.0, low_open=True, doc="FAR for VAL@FAR")
-    distance: str = _spec("squared-L2", choices=("squared-L2", "cosine"), doc="verification distance")
+    distance: str = _spec("squared-L2", choices=EVAL_DISTANCES, doc="verification distance")
     flip: bool = _spec(False, doc="average each embedding with its mirror image's")
     batch_size: int = _spec(64, low=1, doc="images per inference batch")
 

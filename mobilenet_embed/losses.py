@@ -41,11 +41,12 @@ from typing import Callable, Union
 import keras
 import tensorflow as tf
 
+from mobilenet_embed.config import LOSS_DISTANCES
 from mobilenet_embed.errors import UserError
 
 DistanceMetric = Union[str, Callable[[tf.Tensor], tf.Tensor]]
 
-DISTANCE_METRICS = ("L2", "squared-L2", "angular")
+DISTANCE_METRICS = LOSS_DISTANCES
 
 
 # --------------------------------------------------------------------------- distances

@@ -32,10 +32,11 @@ from typing import Callable, Optional, Protocol
 
 import numpy as np
 
+from mobilenet_embed.config import EVAL_DISTANCES
 from mobilenet_embed.errors import UserError
 
 #: distances `mbembed eval` uses (``eval.distance``) that search supports
-DISTANCES = ("squared-L2", "cosine")
+DISTANCES = EVAL_DISTANCES
 #: rows proposed beyond k before the exact re-scoring (absorbs float32 rounding between backends)
 CANDIDATE_MARGIN = 8
 #: working memory of one chunk of the numpy / tensorflow score matrix

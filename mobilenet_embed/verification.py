@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence, Union
 
 import numpy as np
 
+from mobilenet_embed.config import EVAL_DISTANCES
 from mobilenet_embed.embedders import l2_normalize
 from mobilenet_embed.errors import UserError
 
@@ -29,7 +30,7 @@ if TYPE_CHECKING:
 
 ModelOrFn = Union["keras.Model", Callable[[Any], Any]]
 
-DISTANCES = ("squared-L2", "cosine", "L2")
+DISTANCES = (*EVAL_DISTANCES, "L2")  # L2 too, for pair distances outside eval
 
 _INFERENCE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
