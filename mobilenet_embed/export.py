@@ -32,6 +32,7 @@ from mobilenet_embed.export_formats import (FILENAMES, TFLITE_KINDS, check_forma
 from mobilenet_embed.export_report import (REPORT_NAME, ExportReport, FormatResult, measure_format,
                                            reference_row, sample_images, verify_pairs)
 from mobilenet_embed.records import versions
+from mobilenet_embed.runlock import pid_running
 
 if TYPE_CHECKING:
     import keras
@@ -41,23 +42,13 @@ if TYPE_CHECKING:
 SCRATCH_PREFIX = ".tmp-export-"
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 @contextlib.contextmanager
 def _scratch_dir(out_dir: str) -> Iterator[str]:
     """``<out_dir>/.tmp-export-<pid>/``, removed afterwards; those of dead processes go first."""
     os.makedirs(out_dir, exist_ok=True)
     for entry in os.listdir(out_dir):
         match = re.fullmatch(re.escape(SCRATCH_PREFIX) + r"(\d+)", entry)
-        if match and not _pid_alive(int(match.group(1))):
+        if match and not pid_running(int(match.group(1))):
             shutil.rmtree(os.path.join(out_dir, entry), ignore_errors=True)
     tmp = os.path.join(out_dir, f"{SCRATCH_PREFIX}{os.getpid()}")
     atomic.remove(tmp)

@@ -24,7 +24,7 @@ from mobilenet_embed.errors import UserError
 LOCK_NAME = ".lock"
 
 
-def _pid_running(pid: int) -> bool:
+def pid_running(pid: int) -> bool:
     """Whether a process with this pid exists on this host (another user's counts)."""
     if pid <= 0:
         return False
@@ -111,7 +111,7 @@ class RunLock:
                 continue
             same_host = info.get("host") == socket.gethostname()
             pid = info.get("pid")
-            if same_host and isinstance(pid, int) and not _pid_running(pid):
+            if same_host and isinstance(pid, int) and not pid_running(pid):
                 if self._take_over(info):
                     self.log(f"note: {self.run_dir}: took over the lock of {_holder(info)} "
                              "(that process is no longer running)")
