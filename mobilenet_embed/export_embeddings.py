@@ -149,7 +149,7 @@ def _embed_chunks(embedder: Embedder, data_cfg: "DataConfig", paths: list, chunk
     rows = [min(chunk_size, n - k * chunk_size) for k in range(len(chunk_paths))]
     done = [_chunk_done(p, r, embedder.embedding_size) for p, r in zip(chunk_paths, rows)]
     bar = tqdm(total=n, initial=sum(r for r, d in zip(rows, done) if d), unit="img", desc="embedding",
-               disable=not progress, dynamic_ncols=True)
+               disable=None if progress else True, dynamic_ncols=True)
     try:
         for k, chunk_path in enumerate(chunk_paths):
             if done[k]:

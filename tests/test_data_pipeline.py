@@ -305,3 +305,13 @@ def test_uniform_sampling_batches_are_seeded_resumable_and_skip_unusable(folder)
     with pytest.raises(UserError, match="at most the number of usable images"):
         pk_batches(config(folder, "loss.name=softmax", "data.sampling=uniform", "train.identities_per_batch=9",
                           "train.images_per_identity=4"), index)
+
+
+def test_prepare_progress_bar_stays_off_a_non_terminal(tmp_path):
+    """`prepare` with its bar on (the default) writes no tqdm carriage returns into a pipe or log."""
+    root = tmp_path / "faces"
+    write_folder(root, [2, 2, 2])
+    result = CliRunner().invoke(main, ["prepare", "--set", "data.check_cache=null", "--data", str(root),
+                                       "--out", str(tmp_path / "out" / "faces"), "--shards", "1"])
+    assert result.exit_code == 0, result.output
+    assert "wrote 6 images" in result.output and "\r" not in result.output

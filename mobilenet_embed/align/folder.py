@@ -227,7 +227,7 @@ def align_folder(data_dir: str, out_dir: str, spec: AlignSpec, detector: Optiona
     counts = {ALIGNED: 0, CENTER: 0, SKIPPED: 0}
     t_run = time.perf_counter()
     pillow = [check.results[p].route == decode.ROUTE_PILLOW for p in todo]
-    bar = tqdm(total=len(todo), unit="img", desc="align", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=len(todo), unit="img", desc="align", disable=None if progress else True, dynamic_ncols=True)
     interrupted = False
     try:
         with open(journal_path, "a+", encoding="utf-8") as journal:

@@ -110,7 +110,7 @@ def _write_shards(index: ImageIndex, per_shard: list[list[int]], names: list[str
     offsets = np.concatenate([[0], np.cumsum(counts)])
     pillow = index.pillow_flags()
     shard_info, total_bytes, written = [], 0, []
-    bar = tqdm(total=index.num_images, unit="img", desc="prepare", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=index.num_images, unit="img", desc="prepare", disable=None if progress else True, dynamic_ncols=True)
     workers = max(2, min(8, 2 * (os.cpu_count() or 1)))
     try:
         with concurrent.futures.ThreadPoolExecutor(workers) as pool:
