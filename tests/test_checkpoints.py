@@ -210,6 +210,21 @@ def test_a_failed_write_is_one_error_naming_the_file(tmp_path):
         atomic.atomic_write(path, bug)
 
 
+def test_a_failed_index_write_removes_the_new_checkpoint(tmp_path, monkeypatch):
+    """Disk full between the checkpoint's rename and its index: the old index and checkpoints stand."""
+    directory = tmp_path / "checkpoints"
+    var = _three_checkpoints(directory)
+    before, index = _tree(directory), (directory / ck.INDEX).read_text()
+
+    def full(path, *args, **kwargs):
+        raise UserError(f"{path}: cannot write: No space left on device")
+
+    monkeypatch.setattr(atomic, "write_json", full)
+    with pytest.raises(UserError, match="checkpoint.json: cannot write"):
+        _manager(directory, var).save(4, {"at": 4})
+    assert _tree(directory) == before and (directory / ck.INDEX).read_text() == index
+
+
 @pytest.fixture
 def small_disk(tmp_path):
     """A 640 KiB tmpfs mounted for the test (root only); yields (folder, remount read-only)."""
