@@ -259,7 +259,13 @@ def load_weights(model, checkpoint_path: str) -> int:
         prefix, step = info.prefix, info.step
     if not os.path.isfile(prefix + ".index"):
         raise UserError(f"{checkpoint_path}: not a training checkpoint (no {prefix}.index)")
-    tf.train.Checkpoint(model=model).read(prefix).expect_partial()
+    try:
+        tf.train.Checkpoint(model=model).read(prefix).expect_partial()
+    except Exception:  # noqa: BLE001 - a broken file raises IndexError, OSError, DataLossError...
+        damage = checkpoint_damage(prefix)
+        if damage is None:
+            raise
+        raise UserError(f"{os.path.dirname(prefix)}: checkpoint is damaged ({damage})") from None
     return step
 
 

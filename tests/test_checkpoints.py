@@ -187,6 +187,18 @@ def test_a_changed_model_is_refused_at_once_not_skipped(tmp_path):
         _manager(directory, other).restore()
 
 
+def test_loading_weights_of_a_damaged_checkpoint_is_one_error(tmp_path):
+    """What eval and export read (`load_weights`): a damaged file is an error line, not a traceback."""
+    directory = tmp_path / "checkpoints"
+    model = tf.Module()
+    model.v = tf.Variable([1.0, 2.0])
+    ck.CheckpointManager(str(directory), tf.train.Checkpoint(model=model)).save(1)
+    assert ck.load_weights(model, str(tmp_path)) == 1
+    _truncate(glob.glob(str(directory / "ckpt-00000001" / "ckpt.data-*"))[0])
+    with pytest.raises(UserError, match=r"ckpt-00000001: checkpoint is damaged \(IndexError: Read less bytes"):
+        ck.load_weights(model, str(tmp_path))
+
+
 # --------------------------------------------------------------------------- write failures
 
 
