@@ -4,7 +4,9 @@
     mbembed export embeddings --config F --checkpoint C --data DIR --out PATH
 
 `export` is a click group that runs the model export itself when no subcommand follows, so both
-spellings work. The options of `embeddings` go after the word `embeddings`.
+spellings work. The options of `embeddings` go after the word `embeddings`. Both hold the --out
+folder's lock (`mobilenet_embed.runlock`, as `train` holds its run directory's): a second export
+into the same folder stops with one line naming the first.
 """
 
 from __future__ import annotations
@@ -17,6 +19,12 @@ from mobilenet_embed.commands.options import config_file_option, config_options,
 from mobilenet_embed.config import Config, load_config
 from mobilenet_embed.errors import UserError
 from mobilenet_embed.export_formats import FORMATS
+from mobilenet_embed.runlock import RunLock
+
+
+def _out_lock(out: str) -> RunLock:
+    """The --out folder's lock; its notes (a stale lock taken over) go to stderr."""
+    return RunLock(out, log=lambda line: click.echo(line, err=True))
 
 
 @click.group("export", invoke_without_command=True)
@@ -65,9 +73,10 @@ def export(ctx: click.Context, config_path: Optional[str], overrides: tuple[str,
     from mobilenet_embed.export import export_model
 
     cfg = load_config(config_path, overrides)
-    report = export_model(cfg, checkpoint, out_dir, formats=list(formats) or None, force=force,
-                          allow_degraded=allow_degraded, pairs=pairs, pairs_root=pairs_root,
-                          latency_runs=latency_runs, log=lambda line: click.echo(line, err=True))
+    with _out_lock(out_dir):
+        report = export_model(cfg, checkpoint, out_dir, formats=list(formats) or None, force=force,
+                              allow_degraded=allow_degraded, pairs=pairs, pairs_root=pairs_root,
+                              latency_runs=latency_runs, log=lambda line: click.echo(line, err=True))
     click.echo(report.table())
     for line in report.input_notes():
         click.echo(line)
@@ -103,9 +112,10 @@ def export_embeddings_command(cfg: Config, checkpoint: str, data_dir: str, out: 
     """
     from mobilenet_embed.export_embeddings import export_embeddings
 
-    result = export_embeddings(cfg, checkpoint, data_dir, out, force=force, chunk_size=chunk_size,
-                               batch_size=batch_size, num_threads=threads,
-                               progress=progress)
+    with _out_lock(out):
+        result = export_embeddings(cfg, checkpoint, data_dir, out, force=force, chunk_size=chunk_size,
+                                   batch_size=batch_size, num_threads=threads,
+                                   progress=progress)
     if result.skipped:
         click.echo(f"Warning: {len(result.skipped)} unreadable image(s) left out, e.g. "
                    f"{result.skipped[0]}", err=True)
