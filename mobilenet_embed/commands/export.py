@@ -93,9 +93,12 @@ def export(ctx: click.Context, config_path: Optional[str], overrides: tuple[str,
               help="Images per inference batch (default: the model kind's).")
 @click.option("--threads", default=None, type=click.IntRange(1), help="TFLite interpreter threads.")
 @click.option("--progress/--no-progress", default=True, help="Show a progress bar.")
+@click.option("--align", is_flag=True,
+              help="--data holds raw photos: detect and align each face as `mbembed align` does, to the model's "
+                   "template (data.align_template / data.align_size); no face: centre-cropped, counted.")
 def export_embeddings_command(cfg: Config, checkpoint: str, data_dir: str, out: str, force: bool,
                               chunk_size: int, batch_size: Optional[int], threads: Optional[int],
-                              progress: bool) -> None:
+                              progress: bool, align: bool) -> None:
     """Embed every image of a folder: embeddings.npy (float32 [N, D]) + index.csv (row, path, identity).
 
     Resumable: a run that is killed continues where it stopped when run again (finished chunks
@@ -105,7 +108,12 @@ def export_embeddings_command(cfg: Config, checkpoint: str, data_dir: str, out: 
 
     result = export_embeddings(cfg, checkpoint, data_dir, out, force=force, chunk_size=chunk_size,
                                batch_size=batch_size, num_threads=threads,
-                               progress=progress)
+                               progress=progress, align=align, log=lambda line: click.echo(line, err=True))
+    if result.align is not None:
+        a = result.align
+        click.echo(f"alignment ({a['template']} {a['size']}): aligned {a['aligned']}, no face {a['no_face']} "
+                   f"(centre-cropped{', e.g. ' + a['no_face_paths'][0] if a['no_face_paths'] else ''}), "
+                   f"several faces {a['several_faces']}", err=True)
     if result.skipped:
         click.echo(f"Warning: {len(result.skipped)} unreadable image(s) left out, e.g. "
                    f"{result.skipped[0]}", err=True)
