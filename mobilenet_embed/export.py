@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Callable, Iterator, Optional, Sequence
 import numpy as np
 
 from mobilenet_embed import atomic
-from mobilenet_embed.checkpoints import load_checkpoint_model, resolve_checkpoint
+from mobilenet_embed.checkpoints import config_for_checkpoint, load_checkpoint_model, resolve_checkpoint
 from mobilenet_embed.embedders import Embedder, KerasEmbedder
 from mobilenet_embed.errors import UserError
 from mobilenet_embed.export_formats import (FILENAMES, TFLITE_KINDS, check_formats, export_saved_model,
@@ -118,7 +118,11 @@ def export_model(cfg: "Config", checkpoint: str, out_dir: str, formats: Optional
         raise UserError(f"--pairs {pairs}: file not found")
 
     resolved = resolve_checkpoint(checkpoint)
+    notes: list = []  # --set keys applied over the run's config (`config_for_checkpoint`)
+    config_for_checkpoint(cfg, resolved.path if resolved.which == "file" else checkpoint, notes)
     model, cfg = load_checkpoint_model(checkpoint, cfg)
+    for line in notes:
+        log(line)
     size, crop = cfg.data.image_size, cfg.data.crop_fraction
     log(f"checkpoint: {resolved.path} ({resolved.which}); input {size}x{size}, "
         f"crop_fraction {crop:g}")

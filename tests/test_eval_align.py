@@ -120,6 +120,18 @@ def test_export_embeddings_applies_set_max_bad_fraction(run, faces, tmp_path):
     assert np.load(tmp_path / "e2" / "embeddings.npy").shape == (17, 16)
 
 
+def test_export_applies_set_crop_and_records_it_in_the_files(run, tmp_path):
+    out = tmp_path / "exp"
+    result = _invoke("export", "--checkpoint", run, "--out", out, "--format", "saved_model", "--latency-runs", "1",
+                     "--set", "export.parity_samples=4", "--set", "data.synthetic_identities=4",
+                     "--set", "data.crop_fraction=0.6")
+    assert result.exit_code == 0, result.output
+    assert "note: --set data.crop_fraction=0.6 overrides 0.8 of the checkpoint's run" in result.output
+    meta = json.loads((out / "saved_model" / "assets.extra" / "mbembed_preprocessing.json").read_text())
+    assert meta["crop_fraction"] == 0.6 and meta["align"] == {"template": "arcface", "size": 64, "select": "center"}
+    assert "note: --set data.synthetic_identities=4 overrides" in result.output  # every key applied is said
+
+
 # --------------------------------------------------------------------------- --pairs vs eval.pairs_folds
 
 
