@@ -128,7 +128,7 @@ def evaluate(cfg: Config, checkpoint: Optional[str] = None, model: Optional[str]
     model's ``data.align_template`` / ``data.align_size`` (photos without a face are
     centre-cropped, counted in ``metrics.json["align"]``).
     """
-    from mobilenet_embed.align.inference import align_summary, aligned_source
+    from mobilenet_embed.align.inference import align_line, align_summary, aligned_source
     from mobilenet_embed.preprocessing_metadata import model_data_config
     from mobilenet_embed.embedders import load_embedder
     from mobilenet_embed.verification import evaluate_pairs
@@ -164,7 +164,7 @@ def evaluate(cfg: Config, checkpoint: Optional[str] = None, model: Optional[str]
                              distance=cfg.eval.distance, batches=batches)
     seconds = time.perf_counter() - start
     if counts is not None:
-        log(f"alignment: {counts.summary()}" + (f", e.g. {counts.no_face_paths[0]}" if counts.no_face_paths else ""))
+        log(align_line(align_summary(data_cfg, counts)))
 
     distances = metrics.pop("distances")
     metrics.pop("issame")

@@ -104,6 +104,23 @@ def test_set_model_key_or_size_of_a_whole_keras_model_is_refused(run, faces, tmp
     assert result.exit_code == 2 and "fixed 32x32 input" in result.output
 
 
+def test_set_image_size_rebuilds_a_training_checkpoint_at_that_size(tmp_path):
+    import tensorflow as tf
+
+    from mobilenet_embed.checkpoints import CheckpointManager
+    from mobilenet_embed.embedders import load_embedder
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(yaml.safe_dump(config_to_dict(load_config(None, RUN_SETS))))
+    CheckpointManager(str(run / "checkpoints"), tf.train.Checkpoint(model=tiny_model(SIZE, embedding_size=16))).save(3)
+    embedder = load_embedder(str(run), load_config(None, ["data.image_size=48"]))
+    assert embedder.image_size == 48 and embedder.recorded["image_size"] == 48
+    assert embedder.notes == (f"note: --set data.image_size=48 overrides 32 of the checkpoint's run "
+                              f"({run / 'config.yaml'})",)
+    assert np.allclose(np.linalg.norm(embedder.embed(np.zeros((1, 48, 48, 3), np.float32)), axis=1), 1.0)
+
+
 def test_export_embeddings_applies_set_max_bad_fraction(run, faces, tmp_path):
     """Issue 12: `--set data.max_bad_fraction=0.05` was ignored for the run's 0.01."""
     import shutil
@@ -187,7 +204,7 @@ def test_eval_and_export_embeddings_align_raw_photos(run, photos, tmp_path):
     align = metrics["align"]
     assert (align["template"], align["size"], align["aligned"], align["no_face"]) == ("arcface", 64, 2, 1)
     assert align["no_face_paths"][0].endswith("Noise_0001.png")
-    assert "alignment: aligned 2, no face 1 (centre-cropped)" in result.output
+    assert "alignment (arcface 64): aligned 2, no face 1 (centre-cropped, e.g. " in result.output
 
     out = tmp_path / "emb"
     result = _invoke("export", "embeddings", "--checkpoint", run, "--data", photos, "--out", out,

@@ -106,3 +106,10 @@ def align_summary(data_cfg, counts) -> dict:
             "select": data_cfg.align_select, "aligned": counts.aligned, "no_face": counts.no_face,
             "no_face_handling": "center", "several_faces": counts.several_faces,
             "no_face_paths": [str(p) for p in counts.no_face_paths[:100]]}
+
+
+def align_line(summary: dict) -> str:
+    """The one line `eval --align` and `export embeddings --align` print from `align_summary`."""
+    example = f", e.g. {summary['no_face_paths'][0]}" if summary["no_face_paths"] else ""
+    return (f"alignment ({summary['template']} {summary['size']}): aligned {summary['aligned']:,}, "
+            f"no face {summary['no_face']:,} (centre-cropped{example}), several faces {summary['several_faces']:,}")

@@ -110,10 +110,9 @@ def export_embeddings_command(cfg: Config, checkpoint: str, data_dir: str, out: 
                                batch_size=batch_size, num_threads=threads,
                                progress=progress, align=align, log=lambda line: click.echo(line, err=True))
     if result.align is not None:
-        a = result.align
-        click.echo(f"alignment ({a['template']} {a['size']}): aligned {a['aligned']}, no face {a['no_face']} "
-                   f"(centre-cropped{', e.g. ' + a['no_face_paths'][0] if a['no_face_paths'] else ''}), "
-                   f"several faces {a['several_faces']}", err=True)
+        from mobilenet_embed.align.inference import align_line
+
+        click.echo(align_line(result.align), err=True)
     if result.skipped:
         click.echo(f"Warning: {len(result.skipped)} unreadable image(s) left out, e.g. "
                    f"{result.skipped[0]}", err=True)
