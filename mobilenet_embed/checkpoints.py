@@ -576,14 +576,21 @@ def run_config_path(checkpoint: str) -> Optional[str]:
     return None
 
 
-def config_for_checkpoint(cfg: Optional["Config"], checkpoint: str) -> "Config":
+def config_for_checkpoint(cfg: Optional["Config"], checkpoint: str, notes: Optional[list] = None) -> "Config":
     """`cfg` (defaults when None) with its `model` and `data` sections replaced by those of the
     run `checkpoint` comes from, when that run saved a ``config.yaml``: the model is rebuilt
     and its inputs preprocessed as in training. Other sections (export, eval) stay `cfg`'s.
+
+    What the user gave still counts (`config.given_settings`): a ``--set data.KEY`` that differs
+    from the run's value is applied (e.g. another crop, image size or data.max_bad_fraction), a
+    ``--set model.KEY`` that differs is a UserError (the trained model cannot change), and a
+    config file's preprocessing value that differs is not used; each case appends one line to
+    `notes` when given (`preprocessing_metadata.overlay_user_settings`).
     """
     import yaml
 
-    from mobilenet_embed.config import Config, config_from_dict
+    from mobilenet_embed.config import Config, config_from_dict, given_settings
+    from mobilenet_embed.preprocessing_metadata import ARCHITECTURE_KEYS, overlay_user_settings
 
     cfg = cfg if cfg is not None else Config()
     found = run_config_path(checkpoint)
@@ -594,7 +601,17 @@ def config_for_checkpoint(cfg: Optional["Config"], checkpoint: str) -> "Config":
             run_cfg = config_from_dict(yaml.safe_load(fh) or {}, source=found)
     except yaml.YAMLError as exc:
         raise UserError(f"{found}: not valid YAML ({exc.__class__.__name__})") from None
-    return dataclasses.replace(cfg, model=run_cfg.model, data=run_cfg.data)
+    given, notes = given_settings(cfg), (notes if notes is not None else [])
+    where = f"the checkpoint's run ({found})"
+    data = overlay_user_settings("data", dataclasses.asdict(run_cfg.data), cfg.data, given, where, notes)
+    model = overlay_user_settings("model", dataclasses.asdict(run_cfg.model), cfg.model, given, where, notes,
+                                  fixed=tuple(f.name for f in dataclasses.fields(run_cfg.model)),
+                                  fixed_reason="a trained model's architecture cannot change",
+                                  report_file=ARCHITECTURE_KEYS)
+    out = dataclasses.replace(cfg, model=dataclasses.replace(run_cfg.model, **model),
+                              data=dataclasses.replace(run_cfg.data, **data))
+    out._given = given  # what the user gave still travels (`given_settings`)
+    return out
 
 
 def load_checkpoint_model(checkpoint: str, cfg: Optional["Config"] = None

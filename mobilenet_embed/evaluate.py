@@ -5,6 +5,11 @@ checkpoint, a run directory, a `.keras` file, a SavedModel or a `.tflite` file; 
 image is decoded and embedded once (`verification.evaluate_pairs`); `metrics.verification_metrics`
 computes the numbers exactly as FaceNet's `lfw.py`. Results go to `metrics.json`, `roc.png` and
 `pair_distances.csv`.
+
+Images are preprocessed as the model records (`preprocessing_metadata.model_data_config`: an
+exported file's own metadata, a checkpoint's run config, with ``--set data.*`` applied and
+reported); with ``align=True`` raw photos are aligned on the fly first
+(`align.inference.aligned_batches`, the code of `mbembed align`).
 """
 
 from __future__ import annotations
@@ -61,11 +66,28 @@ def _default_out_dir(cfg: Config, checkpoint: Optional[str], model: Optional[str
     return os.path.join(run_dir, "eval")
 
 
+def pairs_folds_for(cfg: Config, pairs_file: str, log: Callable[[str], None]) -> Optional[list]:
+    """The folds of `pairs_file` to use: ``eval.pairs_folds`` when it was written for that file
+    (it is the config's ``eval.pairs``, or the config names none) or given with ``--set``; else
+    all folds, and a line to `log` says why the config's selection is not used."""
+    from mobilenet_embed.config import given_settings
+
+    folds = cfg.eval.pairs_folds
+    if folds is None or "eval.pairs_folds" in given_settings(cfg)["set"] or not cfg.eval.pairs:
+        return folds
+    if os.path.abspath(cfg.eval.pairs) == os.path.abspath(pairs_file):
+        return folds
+    log(f"note: eval.pairs_folds {list(folds)} selects folds of the config's eval.pairs ({cfg.eval.pairs}), "
+        f"not of {pairs_file}: all its folds are used (--set eval.pairs_folds=[...] to select some)")
+    return None
+
+
 def resolve_pairs(cfg: Config, root: str, pairs_file: Optional[str], make_pairs_n: Optional[int],
                   out_dir: str, log: Callable[[str], None]) -> tuple[list, str]:
     """The pairs to verify: a pairs file (LFW View 1 / View 2 or mbembed format), or `make_pairs_n`
     same and as many different pairs drawn (seeded by `cfg.seed`) from the identity folders of
-    `root`, written to `out_dir/pairs.txt` for reuse."""
+    `root`, written to `out_dir/pairs.txt` for reuse. Which folds of which file are used is
+    logged (`pairs_folds_for`)."""
     from mobilenet_embed.pairs import identity_folders, make_pairs, read_pairs, write_pairs
 
     if make_pairs_n is not None:
@@ -84,12 +106,16 @@ def resolve_pairs(cfg: Config, root: str, pairs_file: Optional[str], make_pairs_
                         "or draw pairs with --make-pairs N)")
     if not os.path.isfile(pairs_file):
         raise UserError(f"{pairs_file}: pairs file not found")
-    return read_pairs(pairs_file, root, folds=cfg.eval.pairs_folds), pairs_file
+    folds = pairs_folds_for(cfg, pairs_file, log)
+    pair_list = read_pairs(pairs_file, root, folds=folds)
+    which = f"folds {', '.join(map(str, folds))} (eval.pairs_folds)" if folds else "all folds"
+    log(f"pairs: {pairs_file}, {which}: {len(pair_list)} pairs")
+    return pair_list, pairs_file
 
 
 def evaluate(cfg: Config, checkpoint: Optional[str] = None, model: Optional[str] = None,
              pairs: Optional[str] = None, pairs_root: Optional[str] = None, out_dir: Optional[str] = None,
-             make_pairs: Optional[int] = None, num_threads: Optional[int] = None,
+             make_pairs: Optional[int] = None, num_threads: Optional[int] = None, align: bool = False,
              log: Callable[[str], None] = lambda line: None) -> EvalResult:
     """Verify pairs with a checkpoint (`checkpoint`: file, checkpoint dir or run dir) or an
     exported model (`model`: SavedModel dir, `.tflite` or `.keras`) and write the results.
@@ -97,8 +123,13 @@ def evaluate(cfg: Config, checkpoint: Optional[str] = None, model: Optional[str]
     The pairs are `pairs` (else `cfg.eval.pairs`) under the image root `pairs_root` (else
     `cfg.eval.data`, else `cfg.data.path`), or `make_pairs` pairs drawn from that root.
     Writes `metrics.json`, `roc.png` and `pair_distances.csv` into `out_dir` (default: the
-    run directory's `eval/` folder).
+    run directory's `eval/` folder). Images are preprocessed as the model records
+    (`model_data_config`); `align`: the images are raw photos, aligned on the fly to the
+    model's ``data.align_template`` / ``data.align_size`` (photos without a face are
+    centre-cropped, counted in ``metrics.json["align"]``).
     """
+    from mobilenet_embed.align.inference import align_line, align_summary, aligned_source
+    from mobilenet_embed.preprocessing_metadata import model_data_config
     from mobilenet_embed.embedders import load_embedder
     from mobilenet_embed.verification import evaluate_pairs
     from mobilenet_embed.pairs import write_pair_distances_csv
@@ -119,24 +150,29 @@ def evaluate(cfg: Config, checkpoint: Optional[str] = None, model: Optional[str]
     pair_list, pairs_file = resolve_pairs(cfg, root, pairs or cfg.eval.pairs, make_pairs, out_dir, log)
     if len(pair_list) < cfg.eval.folds:
         raise UserError(f"{pairs_file}: {len(pair_list)} pairs cannot make {cfg.eval.folds} folds (eval.folds)")
-    crop = embedder.crop_fraction if embedder.crop_fraction is not None else cfg.data.crop_fraction
-    data_cfg = dataclasses.replace(cfg.data, source="folder", path=root, image_size=embedder.image_size,
-                                   crop_fraction=crop)
+    data_cfg = dataclasses.replace(model_data_config(cfg, embedder, log), source="folder", path=root,
+                                   augment=False)
+    crop = data_cfg.crop_fraction
+    batches, counts = aligned_source(data_cfg, align, cfg.eval.batch_size, log)
     n_images = len({p for pair in pair_list for p in (pair.path_a, pair.path_b)})
     log(f"embedding {n_images} images of {len(pair_list)} pairs with {embedder.kind} model {source} "
-        f"({embedder.image_size}x{embedder.image_size}, crop {crop:g}{', flip' if cfg.eval.flip else ''})")
+        f"({embedder.image_size}x{embedder.image_size}, crop {crop:g}{', flip' if cfg.eval.flip else ''}"
+        f"{', aligned on the fly' if align else ''})")
     start = time.perf_counter()
     metrics = evaluate_pairs(embedder, data_cfg, pair_list, batch_size=cfg.eval.batch_size,
                              flip=cfg.eval.flip, n_folds=cfg.eval.folds, far_target=cfg.eval.far_target,
-                             distance=cfg.eval.distance)
+                             distance=cfg.eval.distance, batches=batches)
     seconds = time.perf_counter() - start
+    if counts is not None:
+        log(align_line(align_summary(data_cfg, counts)))
 
     distances = metrics.pop("distances")
     metrics.pop("issame")
     summary = jsonable(metrics)
     summary.update({"model": str(source), "model_kind": embedder.kind, "pairs_file": str(pairs_file),
                     "image_root": str(root), "image_size": embedder.image_size, "crop_fraction": crop,
-                    "flip": cfg.eval.flip, "n_images": n_images, "seconds": round(seconds, 2)})
+                    "flip": cfg.eval.flip, "n_images": n_images, "seconds": round(seconds, 2),
+                    "align": None if counts is None else align_summary(data_cfg, counts)})
     files = {name: os.path.join(out_dir, name) for name in ("metrics.json", "roc.png", "pair_distances.csv")}
 
     atomic.write_json(files["metrics.json"], summary, indent=2)
@@ -147,3 +183,4 @@ def evaluate(cfg: Config, checkpoint: Optional[str] = None, model: Optional[str]
     return EvalResult(metrics=summary, out_dir=out_dir, files=files, model=str(source),
                       pairs_file=str(pairs_file), n_pairs=len(pair_list), n_images=n_images,
                       seconds=seconds, images_per_second=n_images * (2 if cfg.eval.flip else 1) / max(seconds, 1e-9))
+

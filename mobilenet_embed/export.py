@@ -24,13 +24,14 @@ from typing import TYPE_CHECKING, Callable, Iterator, Optional, Sequence
 import numpy as np
 
 from mobilenet_embed import atomic
-from mobilenet_embed.checkpoints import load_checkpoint_model, resolve_checkpoint
+from mobilenet_embed.checkpoints import config_for_checkpoint, load_checkpoint_model, resolve_checkpoint
 from mobilenet_embed.embedders import Embedder, KerasEmbedder
 from mobilenet_embed.errors import UserError
 from mobilenet_embed.export_formats import (FILENAMES, TFLITE_KINDS, check_formats, export_saved_model,
                                             export_tflite)
 from mobilenet_embed.export_report import (REPORT_NAME, ExportReport, FormatResult, measure_format,
                                            reference_row, sample_images, verify_pairs)
+from mobilenet_embed.preprocessing_metadata import build_metadata
 from mobilenet_embed.records import versions
 from mobilenet_embed.runlock import pid_running
 
@@ -71,11 +72,12 @@ def _output_paths(out_dir: str, formats: Sequence[str], force: bool) -> tuple[di
 
 
 def _build_formats(model: "keras.Model", tmp: str, formats: Sequence[str], size: int, crop: float,
-                   calibration: np.ndarray, log: Callable[[str], None]) -> dict[str, str]:
+                   calibration: np.ndarray, log: Callable[[str], None],
+                   metadata: Optional[dict] = None) -> dict[str, str]:
     """Write the SavedModel (always: TFLite is converted from it) and each TFLite format into `tmp`."""
     saved_dir = os.path.join(tmp, FILENAMES["saved_model"])
     log("writing SavedModel")
-    export_saved_model(model, saved_dir, size, crop)
+    export_saved_model(model, saved_dir, size, crop, metadata)  # the record goes into every format
     built = {"saved_model": saved_dir}
     for fmt in formats:
         if fmt in TFLITE_KINDS:
@@ -116,7 +118,11 @@ def export_model(cfg: "Config", checkpoint: str, out_dir: str, formats: Optional
         raise UserError(f"--pairs {pairs}: file not found")
 
     resolved = resolve_checkpoint(checkpoint)
+    notes: list = []  # --set keys applied over the run's config (`config_for_checkpoint`)
+    config_for_checkpoint(cfg, resolved.path if resolved.which == "file" else checkpoint, notes)
     model, cfg = load_checkpoint_model(checkpoint, cfg)
+    for line in notes:
+        log(line)
     size, crop = cfg.data.image_size, cfg.data.crop_fraction
     log(f"checkpoint: {resolved.path} ({resolved.which}); input {size}x{size}, "
         f"crop_fraction {crop:g}")
@@ -128,7 +134,8 @@ def export_model(cfg: "Config", checkpoint: str, out_dir: str, formats: Optional
     reference = keras_embedder.embed(parity)
 
     with _scratch_dir(out_dir) as tmp:
-        built = _build_formats(model, tmp, formats, size, crop, calibration, log)
+        metadata = build_metadata(cfg.data, keras_embedder.embedding_size, cfg.eval.distance)
+        built = _build_formats(model, tmp, formats, size, crop, calibration, log, metadata)
         ref_row = reference_row(model, keras_embedder, parity[:1], latency_runs)
         rows: list[FormatResult] = []
         embedders: dict[str, Embedder] = {"keras": keras_embedder}

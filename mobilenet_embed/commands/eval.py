@@ -28,6 +28,9 @@ from mobilenet_embed.errors import UserError
 @click.option("--out", "out_dir", default=None, metavar="DIR",
               help="Where metrics.json, roc.png and pair_distances.csv go (default: RUN_DIR/eval).")
 @click.option("--threads", default=None, type=click.IntRange(1), help="TFLite interpreter threads.")
+@click.option("--align", is_flag=True,
+              help="The images are raw photos: detect and align each face as `mbembed align` does, to the "
+                   "model's template (data.align_template / data.align_size); no face: centre-cropped, counted.")
 @click.option("--protocol", default="verification", show_default=True,
               type=click.Choice(("verification", "identification")),
               help="verification: pairs (LFW); identification: gallery search (rank-k, DIR@FPIR).")
@@ -41,7 +44,7 @@ from mobilenet_embed.errors import UserError
               help="identification: keep each gallery image, or one averaged template per identity [images].")
 def eval_command(cfg: Config, checkpoint: Optional[str], model: Optional[str], pairs: Optional[str],
                  pairs_root: Optional[str], old_data: Optional[str], make_pairs: Optional[int], out_dir: Optional[str],
-                 threads: Optional[int], protocol: str, id_protocol: Optional[str], make_id_protocol: bool,
+                 threads: Optional[int], align: bool, protocol: str, id_protocol: Optional[str], make_id_protocol: bool,
                  gallery_per_identity: Optional[int], gallery_mode: Optional[str]) -> None:
     """Face verification by the LFW protocol: 10-fold accuracy, VAL@FAR, AUC, EER, ROC plot.
 
@@ -58,7 +61,8 @@ def eval_command(cfg: Config, checkpoint: Optional[str], model: Optional[str], p
     if protocol == "identification":
         from mobilenet_embed.evaluate_identification import evaluate_identification
 
-        given = [k for k, v in (("--pairs", pairs), ("--make-pairs", make_pairs), ("--threads", threads)) if v]
+        given = [k for k, v in (("--pairs", pairs), ("--make-pairs", make_pairs), ("--threads", threads),
+                                ("--align", align)) if v]
         if given:
             raise UserError(f"--protocol identification: {', '.join(given)} only apply to verification")
         if gallery_per_identity is not None and not make_id_protocol:
@@ -77,6 +81,7 @@ def eval_command(cfg: Config, checkpoint: Optional[str], model: Optional[str], p
     from mobilenet_embed.evaluate import evaluate
 
     result = evaluate(cfg, checkpoint=checkpoint, model=model, pairs=pairs, pairs_root=pairs_root, out_dir=out_dir,
-                      make_pairs=make_pairs, num_threads=threads, log=lambda line: click.echo(line, err=True))
+                      make_pairs=make_pairs, num_threads=threads, align=align,
+                      log=lambda line: click.echo(line, err=True))
     click.echo(result.table())
     click.echo(f"wrote {', '.join(result.files.values())}")

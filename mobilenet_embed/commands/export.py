@@ -102,9 +102,12 @@ def export(ctx: click.Context, config_path: Optional[str], overrides: tuple[str,
               help="Images per inference batch (default: the model kind's).")
 @click.option("--threads", default=None, type=click.IntRange(1), help="TFLite interpreter threads.")
 @click.option("--progress/--no-progress", default=True, help="Show a progress bar.")
+@click.option("--align", is_flag=True,
+              help="--data holds raw photos: detect and align each face as `mbembed align` does, to the model's "
+                   "template (data.align_template / data.align_size); no face: centre-cropped, counted.")
 def export_embeddings_command(cfg: Config, checkpoint: str, data_dir: str, out: str, force: bool,
                               chunk_size: int, batch_size: Optional[int], threads: Optional[int],
-                              progress: bool) -> None:
+                              progress: bool, align: bool) -> None:
     """Embed every image of a folder: embeddings.npy (float32 [N, D]) + index.csv (row, path, identity).
 
     Resumable: a run that is killed continues where it stopped when run again (finished chunks
@@ -115,7 +118,11 @@ def export_embeddings_command(cfg: Config, checkpoint: str, data_dir: str, out: 
     with _out_lock(out):
         result = export_embeddings(cfg, checkpoint, data_dir, out, force=force, chunk_size=chunk_size,
                                    batch_size=batch_size, num_threads=threads,
-                                   progress=progress)
+                                   progress=progress, align=align, log=lambda line: click.echo(line, err=True))
+    if result.align is not None:
+        from mobilenet_embed.align.inference import align_line
+
+        click.echo(align_line(result.align), err=True)
     if result.skipped:
         click.echo(f"Warning: {len(result.skipped)} unreadable image(s) left out, e.g. "
                    f"{result.skipped[0]}", err=True)
