@@ -178,18 +178,17 @@ def read_pairs(
     if folds is not None and kind != "view2":
         raise UserError(f"{pairs_file}: fold selection {list(folds)} needs an LFW View 2 file (header 'n_folds n_per_fold')")
 
-    if kind == "mbembed":
-        pairs = _read_mbembed(pairs_file, root, body)
-    else:
-        pairs = _read_lfw(pairs_file, root, ext, kind, n_folds, n_per_fold, body)
-
+    wanted: Optional[set[int]] = None
     if folds is not None:
-        wanted = []
         for f in folds:
             if not isinstance(f, (int, np.integer)) or not 1 <= f <= n_folds:
                 raise UserError(f"{pairs_file}: fold {f} does not exist; the file holds folds 1 to {n_folds}")
-            wanted.append(int(f))
-        pairs = [p for p in pairs if p.fold in set(wanted)]
+        wanted = {int(f) for f in folds}
+
+    if kind == "mbembed":
+        pairs = _read_mbembed(pairs_file, root, body)
+    else:  # only the wanted folds' images need to exist
+        pairs = _read_lfw(pairs_file, root, ext, kind, n_folds, n_per_fold, body, wanted)
     if kind == "view1" or (folds is not None and len(set(folds)) < n_folds):
         pairs = interleave_same_different(pairs)
     return pairs
@@ -211,7 +210,7 @@ def interleave_same_different(pairs: Sequence[Pair]) -> list[Pair]:
     return out + longer[min(len(same), len(diff)):]
 
 
-def _read_lfw(pairs_file, root, ext, kind, n_folds, n_per_fold, body) -> list[Pair]:
+def _read_lfw(pairs_file, root, ext, kind, n_folds, n_per_fold, body, wanted=None) -> list[Pair]:
     expected = 2 * n_folds * n_per_fold
     if len(body) != expected:
         promise = f"'{n_folds} {n_per_fold}'" if kind == "view2" else f"'{n_per_fold}'"
@@ -240,6 +239,9 @@ def _read_lfw(pairs_file, root, ext, kind, n_folds, n_per_fold, body) -> list[Pa
         if parsed is None:
             raise UserError(f"{pairs_file}:{line}: " + _MALFORMED.format(text.strip()))
         name_a, n_a, name_b, n_b, issame = parsed
+        fold = k // (2 * n_per_fold) + 1 if kind == "view2" else None
+        if wanted is not None and fold not in wanted:
+            continue
         paths = []
         for name, n in ((name_a, n_a), (name_b, n_b)):
             path = resolve(name, n, line)
@@ -247,7 +249,6 @@ def _read_lfw(pairs_file, root, ext, kind, n_folds, n_per_fold, body) -> list[Pa
                 shown = os.path.join(root, name, f"{name}_{n:04d}") + (ext or ".*")
                 missing.append((line, shown))
             paths.append(path or "")
-        fold = k // (2 * n_per_fold) + 1 if kind == "view2" else None
         pairs.append(Pair(paths[0], paths[1], issame, line, fold))
     _raise_missing(pairs_file, missing)
     return pairs

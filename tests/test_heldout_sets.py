@@ -1,5 +1,7 @@
 """Held-out evaluation sets: exhaustive pairs of unseen people, and re-cropped copies of images."""
 
+import os
+
 import numpy as np
 import pytest
 
@@ -73,3 +75,24 @@ def test_recrop_image_keeps_the_size_and_moves_the_content():
     ys, xs = np.nonzero(shifted[..., 0] > 127)
     assert xs.mean() == pytest.approx(20 - 10, abs=1)
     assert ys.mean() == pytest.approx(19.5, abs=1)
+
+
+def test_read_pairs_needs_only_the_images_of_the_chosen_folds(tmp_path):
+    """A copy of one fold's images (a re-cropped or aligned set) evaluates that fold of pairs.txt."""
+    people = _people([3, 3, 3, 3, 5, 2])
+    for name, paths in people.items():
+        (tmp_path / name).mkdir()
+        for p in paths:
+            (tmp_path / p).write_bytes(b"x")
+    absolute = {n: [str(tmp_path / p) for p in ps] for n, ps in people.items()}
+    pairs = exhaustive_pairs(absolute, n_folds=2, seed=0)
+    write_pairs(pairs, tmp_path / "pairs.txt", tmp_path, n_folds=2)
+    used_by_fold2 = {path for p in pairs if p.fold == 2 for path in (p.path_a, p.path_b)}
+    deleted = {path for p in pairs for path in (p.path_a, p.path_b)} - used_by_fold2
+    assert deleted  # images only fold 1 needs
+    for path in deleted:
+        os.unlink(path)
+    fold2 = read_pairs(str(tmp_path / "pairs.txt"), str(tmp_path), folds=[2])
+    assert sorted((p.path_a, p.path_b) for p in fold2) == sorted((p.path_a, p.path_b) for p in pairs if p.fold == 2)
+    with pytest.raises(UserError, match="image not found"):
+        read_pairs(str(tmp_path / "pairs.txt"), str(tmp_path))
