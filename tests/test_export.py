@@ -149,22 +149,64 @@ def test_flex_op_is_refused_with_its_name(tmp_path):
 # --------------------------------------------------------------------------- --force, atomicity
 
 
-def test_existing_outputs_need_force(tmp_path, cfg, checkpoint):
+def _snapshot(folder):
+    return {name: (folder / name).read_bytes() for name in sorted(os.listdir(folder))
+            if (folder / name).is_file()}
+
+
+def test_force_replaces_the_export_folder_whole(tmp_path, cfg, checkpoint, monkeypatch):
     out = tmp_path / "out"
-    export_model(cfg, checkpoint, str(out), formats=["tflite_float32"], latency_runs=1)
-    before = (out / FILENAMES["tflite_float32"]).stat().st_mtime_ns
-    with pytest.raises(UserError, match=r"model_float32\.tflite, export_report\.json.*--force"):
+    export_model(cfg, checkpoint, str(out), formats=["tflite_float32", "tflite_float16"], latency_runs=1)
+    before = _snapshot(out)
+    assert sorted(before) == ["export_report.json", "model_float16.tflite", "model_float32.tflite"]
+    with pytest.raises(UserError, match=r"would overwrite model_float32\.tflite, model_float16\.tflite, "
+                                        r"export_report\.json; pass --force"):
         export_model(cfg, checkpoint, str(out), formats=["tflite_float32"], latency_runs=1)
-    assert (out / FILENAMES["tflite_float32"]).stat().st_mtime_ns == before
-    # a SavedModel directory is replaced as a whole
-    export_model(cfg, checkpoint, str(out), formats=["saved_model"], force=True, latency_runs=1)
-    (out / "saved_model" / "stale.txt").write_text("old")
-    report = export_model(cfg, checkpoint, str(out), formats=["saved_model", "tflite_float32"],
-                          force=True, latency_runs=1)
+    assert _snapshot(out) == before
+
+    # a failure in the middle of a --force export leaves the earlier export whole, no scratch left
+    real_export_tflite = export_mod.export_tflite
+
+    def fail_second(saved_model_dir, path, kind, representative_images=None):
+        if kind == "float16":
+            with open(path, "wb") as fh:
+                fh.write(b"partial")
+            raise KeyboardInterrupt
+        return real_export_tflite(saved_model_dir, path, kind, representative_images)
+
+    monkeypatch.setattr(export_mod, "export_tflite", fail_second)
+    with pytest.raises(KeyboardInterrupt):
+        export_model(cfg, checkpoint, str(out), formats=["tflite_float32", "tflite_float16"], force=True,
+                     latency_runs=1)
+    assert _snapshot(out) == before
+    assert sorted(os.listdir(tmp_path)) == ["out"]
+    monkeypatch.undo()
+
+    # --force with one format: only its file and the new report remain
+    report = export_model(cfg, checkpoint, str(out), formats=["tflite_float32"], force=True, latency_runs=1)
     assert report.passed
-    assert not (out / "saved_model" / "stale.txt").exists()
-    assert (out / FILENAMES["tflite_float32"]).stat().st_mtime_ns != before
-    assert sorted(os.listdir(out)) == ["export_report.json", "model_float32.tflite", "saved_model"]
+    assert sorted(os.listdir(out)) == ["export_report.json", "model_float32.tflite"]
+    assert [r["format"] for r in json.loads((out / REPORT_NAME).read_text())["formats"]] == ["tflite_float32"]
+    assert sorted(os.listdir(tmp_path)) == ["out"]
+
+
+def test_out_must_be_an_export_folder(tmp_path, cfg, checkpoint, monkeypatch):
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("mine")
+    with pytest.raises(UserError, match=r"--out .*notes\.txt: is a file; give a folder"):
+        export_model(cfg, checkpoint, str(a_file), formats=["tflite_float32"], force=True)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("seed: 1\n")
+    with pytest.raises(UserError, match=r"holds files that are not part of an export \(config\.yaml\)"):
+        export_model(cfg, checkpoint, str(run), formats=["tflite_float32"], force=True)
+    assert (run / "config.yaml").read_text() == "seed: 1\n" and a_file.read_text() == "mine"
+    monkeypatch.chdir(run)
+    with pytest.raises(UserError, match="is the current folder or holds it"):
+        export_model(cfg, checkpoint, str(tmp_path), formats=["tflite_float32"], force=True)
+    result = CliRunner().invoke(main, ["export", "--checkpoint", checkpoint, "--out", str(a_file)])
+    assert result.exit_code == 2 and result.output.count("Error:") == 1, result.output
+    assert "is a file" in result.output
 
 
 def test_crash_leaves_no_half_written_model(tmp_path, cfg, checkpoint, monkeypatch):
@@ -178,7 +220,7 @@ def test_crash_leaves_no_half_written_model(tmp_path, cfg, checkpoint, monkeypat
     monkeypatch.setattr(export_mod, "export_tflite", crash)
     with pytest.raises(KeyboardInterrupt):
         export_model(cfg, checkpoint, str(out), formats=["saved_model", "tflite_float32"], latency_runs=1)
-    assert os.listdir(out) == []  # nothing under a final name, temporary directory removed
+    assert os.listdir(tmp_path) == []  # no export folder, scratch folder removed
 
 
 def test_degraded_format_is_left_out_unless_allowed(tmp_path, cfg, checkpoint, monkeypatch):
@@ -191,19 +233,36 @@ def test_degraded_format_is_left_out_unless_allowed(tmp_path, cfg, checkpoint, m
     assert not (out / FILENAMES["tflite_float16"]).exists()
     data = json.loads((out / REPORT_NAME).read_text())
     assert data["degraded"] == ["tflite_float16"] and data["formats"][1]["kept"] is False
+    [line] = report.parity_warnings()
+    assert line.startswith("Not written: tflite_float16 misses its parity target: cosine min")
 
-    result = CliRunner().invoke(main, ["export", *cli_sets(), "--checkpoint", checkpoint, "--out",
-                                       str(tmp_path / "cli"), "--format", "tflite_float16",
-                                       "--latency-runs", "1"])
-    assert result.exit_code == 1, result.output
-    assert "tflite_float16 misses its parity target" in result.output
-    assert not (tmp_path / "cli" / FILENAMES["tflite_float16"]).exists()
-    result = CliRunner().invoke(main, ["export", *cli_sets(), "--checkpoint", checkpoint, "--out",
-                                       str(tmp_path / "cli"), "--format", "tflite_float16", "--force",
-                                       "--allow-degraded", "--latency-runs", "1"])
-    assert result.exit_code == 0, result.output
-    assert "kept anyway" in result.output
-    assert (tmp_path / "cli" / FILENAMES["tflite_float16"]).exists()
+    report = export_model(cfg, checkpoint, str(out), formats=["tflite_float16"], force=True,
+                          allow_degraded=True, latency_runs=1)
+    assert report.degraded == ["tflite_float16"] and "kept anyway" in report.parity_warnings()[0]
+    assert sorted(os.listdir(out)) == ["export_report.json", "model_float16.tflite"]
+
+
+def test_cli_export_stderr_is_quiet_and_a_parity_miss_exits_1(tmp_path, checkpoint):
+    """A real process (native output goes to fd 2): no converter or interpreter chatter, no
+    TensorFlow warnings; a format below target gets a "Not written:" line (no "Error:") and exit 1."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from mobilenet_embed import export_report; "
+            "export_report.TARGETS['tflite_float16'] = ('min', 1.01); "
+            "from mobilenet_embed.cli import main; main()")
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    env["PYTHONPATH"] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-c", code, "export", *cli_sets(), "--checkpoint", checkpoint,
+                           "--out", str(out), "--format", "tflite_float16", "--format", "tflite_int8",
+                           "--latency-runs", "1"], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 1, proc.stderr
+    for chatter in ("fully_quantize", "XNNPACK", "WARNING:", "tensorflow", "INFO:", "Error:"):
+        assert chatter not in proc.stderr, proc.stderr
+    assert "Not written: tflite_float16 misses its parity target" in proc.stderr
+    assert "converting tflite_int8" in proc.stderr and "tflite_int8" in proc.stdout
+    assert sorted(os.listdir(out)) == ["export_report.json", "model_int8.tflite"]
 
 
 # --------------------------------------------------------------------------- CLI
