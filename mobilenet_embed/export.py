@@ -35,6 +35,7 @@ from mobilenet_embed.export_formats import (FILENAMES, TFLITE_KINDS, check_forma
                                             export_tflite)
 from mobilenet_embed.export_report import (REPORT_NAME, ExportReport, FormatResult, measure_format,
                                            reference_row, sample_images, verify_pairs)
+from mobilenet_embed.out_folder import check_out_folder
 from mobilenet_embed.quiet import quiet_native
 from mobilenet_embed.records import versions
 from mobilenet_embed.runlock import LOCK_NAME, pid_running
@@ -61,9 +62,7 @@ def check_export_folder(out_dir: str, force: bool) -> str:
     export needs `force`. A file, a folder holding other files, or the current folder (or one
     above it) is a `UserError`.
     """
-    if os.path.lexists(out_dir) and not os.path.isdir(out_dir):
-        what = "is a file" if os.path.isfile(out_dir) else "exists and is not a folder"
-        raise UserError(f"--out {out_dir}: {what}; give a folder for the export")
+    check_out_folder(out_dir)
     target = os.path.realpath(out_dir)
     cwd = os.path.realpath(os.getcwd())
     if target == cwd or cwd.startswith(target.rstrip(os.sep) + os.sep):

@@ -313,15 +313,19 @@ def test_verification_accuracy_per_format_with_pairs(tmp_path, checkpoint):
         lines.append(f"{name}/{name}_0003.png\t{other}/{other}_0001.png\t0")
     pairs = tmp_path / "pairs.txt"
     pairs.write_text("\n".join(lines) + "\n")
-    cfg = load_config(None, OVERRIDES + ["data.source=folder", f"data.path={root}",
+    (root / "person_3" / "person_3_0003.png").write_bytes(b"not a png")  # named by the pair of line 9
+    cfg = load_config(None, OVERRIDES + ["data.source=folder", f"data.path={root}", "data.max_bad_fraction=0.1",
                                          "export.representative_samples=6", "export.parity_samples=4"])
     report = export_model(cfg, checkpoint, str(tmp_path / "out"), formats=["tflite_float32", "tflite_int8"],
                           pairs=str(pairs), latency_runs=1)
-    assert report.pairs["n_pairs"] == 8
+    assert report.pairs["n_pairs"] == 7  # the pair naming the unreadable image is skipped and counted
+    [skipped] = report.pairs["skipped_pairs"]
+    assert skipped["line"] == 9 and skipped["image"].endswith("person_3_0003.png")
     for row in [report.reference] + report.formats:
         assert 0.0 <= row.verification["accuracy"] <= 1.0
     assert report.formats[0].verification["accuracy"] == report.reference.verification["accuracy"]
     assert "accuracy" in report.table()
+    assert "skipped 1 pair: unreadable image person_3/person_3_0003.png (" in report.table()
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -452,3 +456,30 @@ def test_embeddings_of_a_folder_and_of_an_exported_tflite(tmp_path, exported, cf
 
     images = load_images(cfg.data, [r["path"] for r in rows])
     np.testing.assert_allclose(emb, reference.embed(images), atol=1e-4)
+
+
+def test_embeddings_export_out_file_and_non_utf8_names(tmp_path, checkpoint):
+    """--out naming a file is one Error: line; a file name that is not UTF-8 is an unreadable image,
+    counted and left out (no traceback)."""
+    from PIL import Image
+
+    root = tmp_path / "faces"
+    for name in ("a", "b"):
+        (root / name).mkdir(parents=True)
+        for j in range(3):
+            Image.new("RGB", (40, 40), (40 * j, 90, 20)).save(root / name / f"{j}.png")
+    with open(os.path.join(os.fsencode(root / "a"), b"\xff.png"), "wb") as fh:
+        fh.write((root / "a" / "0.png").read_bytes())
+    a_file = tmp_path / "taken"
+    a_file.write_text("x")
+    result = _run_embeddings(tmp_path, "taken", checkpoint)
+    assert result.exit_code == 2 and result.output.count("Error:") == 1, result.output
+    assert "--out " + str(a_file) + ": is a file" in result.output and a_file.read_text() == "x"
+
+    result = CliRunner().invoke(main, ["export", "embeddings", *cli_sets(["data.max_bad_fraction=0.5"]),
+                                       "--checkpoint", checkpoint, "--data", str(root), "--out",
+                                       str(tmp_path / "emb"), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert "1 unreadable image(s) left out" in result.output
+    assert np.load(tmp_path / "emb" / "embeddings.npy").shape == (6, 16)
+
