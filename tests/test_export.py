@@ -483,3 +483,21 @@ def test_embeddings_export_out_file_and_non_utf8_names(tmp_path, checkpoint):
     assert "1 unreadable image(s) left out" in result.output
     assert np.load(tmp_path / "emb" / "embeddings.npy").shape == (6, 16)
 
+
+
+def test_quiet_native_hides_fd2_chatter_but_shows_it_on_failure(capfd):
+    import logging
+
+    from mobilenet_embed.quiet import quiet_native
+
+    level = logging.getLogger("tensorflow").level
+    with quiet_native() as captured:
+        os.write(2, b"fully_quantize: 0, inference_type: 6\n")
+        logging.getLogger("tensorflow").warning("a TensorFlow warning")
+    assert capfd.readouterr().err == "" and "fully_quantize" in captured[0]
+    with pytest.raises(RuntimeError):
+        with quiet_native():
+            os.write(2, b"converter: the reason it failed\n")
+            raise RuntimeError("conversion failed")
+    assert "converter: the reason it failed" in capfd.readouterr().err
+    assert logging.getLogger("tensorflow").level == level  # restored
