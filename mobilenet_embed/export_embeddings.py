@@ -24,6 +24,7 @@ import numpy as np
 from mobilenet_embed import atomic
 from mobilenet_embed.embedders import Embedder, is_saved_model, load_embedder
 from mobilenet_embed.errors import UserError
+from mobilenet_embed.out_folder import check_out_folder
 
 if TYPE_CHECKING:
     from mobilenet_embed.config import Config, DataConfig
@@ -222,6 +223,7 @@ def export_embeddings(cfg: "Config", checkpoint: str, data_dir: str, out: str, f
         raise UserError(f"--chunk-size: expected an integer >= 1, received {chunk_size}")
     start = time.perf_counter()
     out = str(out)
+    check_out_folder(out)
     emb_path, index_path = os.path.join(out, EMBEDDINGS_NAME), os.path.join(out, INDEX_NAME)
     chunk_dir = os.path.join(out, CHUNKS_DIR)
     finishing = os.path.isfile(os.path.join(chunk_dir, MANIFEST_NAME))  # an unfinished run of ours

@@ -16,22 +16,34 @@ In the LFW formats ``name n`` means ``<root>/name/name_000n.<ext>`` (n zero-padd
 4 digits). Fields are separated by any whitespace; blank lines are skipped; line
 numbers in errors count every physical line from 1.
 
-Pure Python + NumPy, no TensorFlow.
+Names in LFW files are identity folders directly under the image root: ``..``, ``.``, a name with
+a path separator or an absolute path is refused (``<file>:<line>: ...``); a relative path of the
+mbembed format must stay under the root (absolute paths are taken as written).
+
+Unreadable images (`readable_identity_folders`, `drop_unreadable_pairs`) are found by the decode
+check of ``mbembed data check``, so pairs are never drawn from them and a pair naming one is
+skipped and counted rather than stopping an evaluation.
+
+Pure Python + NumPy at import; the two functions above call the data check (TensorFlow) when used.
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import os
 import re
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import numpy as np
 
 from mobilenet_embed import atomic
 from mobilenet_embed.errors import UserError
 from mobilenet_embed.image_files import IMAGE_EXTENSIONS, scan_folder
+
+if TYPE_CHECKING:
+    from mobilenet_embed.config import DataConfig
 
 #: first line of the mbembed pairs format
 MBEMBED_HEADER = "# mbembed pairs v1"
@@ -210,6 +222,24 @@ def interleave_same_different(pairs: Sequence[Pair]) -> list[Pair]:
     return out + longer[min(len(same), len(diff)):]
 
 
+def _check_lfw_name(pairs_file: str, line: int, name: str, root: str) -> None:
+    """An LFW name is one identity folder directly under `root`: never ``..``, a path or absolute."""
+    if name in (".", "..") or "/" in name or "\\" in name or os.path.isabs(name):
+        raise UserError(f"{pairs_file}:{line}: '{name}' is not an identity folder name: names in an LFW "
+                        f"pairs file are folders directly under the image root {root} (paths are refused)")
+
+
+def _under_root(pairs_file: str, line: int, rel: str, root: str) -> str:
+    """`rel` joined to `root`; a relative path that climbs out of `root` (``../x``) is refused."""
+    if os.path.isabs(rel):
+        return rel
+    normal = os.path.normpath(rel)
+    if normal == os.pardir or normal.startswith(os.pardir + os.sep):
+        raise UserError(f"{pairs_file}:{line}: '{rel}' lies outside the image root {root}; relative paths "
+                        "must stay under it (write an absolute path to use an image elsewhere)")
+    return os.path.join(root, rel)
+
+
 def _read_lfw(pairs_file, root, ext, kind, n_folds, n_per_fold, body, wanted=None) -> list[Pair]:
     expected = 2 * n_folds * n_per_fold
     if len(body) != expected:
@@ -239,6 +269,8 @@ def _read_lfw(pairs_file, root, ext, kind, n_folds, n_per_fold, body, wanted=Non
         if parsed is None:
             raise UserError(f"{pairs_file}:{line}: " + _MALFORMED.format(text.strip()))
         name_a, n_a, name_b, n_b, issame = parsed
+        for name in (name_a, name_b):
+            _check_lfw_name(pairs_file, line, name, root)
         fold = k // (2 * n_per_fold) + 1 if kind == "view2" else None
         if wanted is not None and fold not in wanted:
             continue
@@ -268,7 +300,7 @@ def _read_mbembed(pairs_file, root, body) -> list[Pair]:
             )
         paths = []
         for rel in fields[:2]:
-            path = rel if os.path.isabs(rel) else os.path.join(root, rel)
+            path = _under_root(pairs_file, line, rel, root)
             if not os.path.isfile(path):
                 missing.append((line, path))
             paths.append(path)
@@ -300,6 +332,77 @@ def identity_folders(root: str) -> dict[str, list[str]]:
         raise UserError(f"{root}: image folder not found")
     files, _, _ = scan_folder(root)
     return files
+
+
+# --------------------------------------------------------------------------- unreadable images
+
+
+def _shown(path: str, root: str) -> str:
+    rel = os.path.relpath(path, root) if root else path
+    return path if rel.startswith(os.pardir) else rel
+
+
+def _listed(paths: Sequence[str], root: str, limit: int = 3) -> str:
+    shown = ", ".join(_shown(p, root) for p in paths[:limit])
+    return shown + (f" and {len(paths) - limit} more" if len(paths) > limit else "")
+
+
+def skipped_pairs_text(skipped: Sequence[dict], root: str) -> str:
+    """``1 pair: unreadable image x.jpg (truncated JPEG)`` (the reason when one image is named)."""
+    images = list(dict.fromkeys(s["image"] for s in skipped))
+    reason = f" ({skipped[0]['reason']})" if len(images) == 1 else ""
+    return (f"{len(skipped)} pair{'s' if len(skipped) != 1 else ''}: unreadable "
+            f"image{'s' if len(images) != 1 else ''} {_listed(images, root)}{reason}")
+
+
+def left_out_text(left_out: Sequence[tuple[str, str]], root: str) -> str:
+    """``2 unreadable images: a.jpg, b.jpg (mbembed data check lists them)``."""
+    return (f"{len(left_out)} unreadable image{'s' if len(left_out) != 1 else ''}: "
+            f"{_listed([p for p, _ in left_out], root)} (mbembed data check lists them)")
+
+
+def readable_identity_folders(data_cfg: "DataConfig", root: str
+                              ) -> tuple[dict[str, list[str]], list[tuple[str, str]]]:
+    """``{identity: [readable image paths]}`` of the identity folder `root` and its unreadable
+    images ``[(path, reason)]``, found by the scan and decode check of ``mbembed data check``
+    (`mobilenet_embed.data.inspect_data`, with the check cache of `data_cfg`); every
+    identity kept, the training filters (identity lists, minimum images) not applied."""
+    from mobilenet_embed.data import inspect_data
+
+    data_cfg = dataclasses.replace(data_cfg, source="folder", path=root, identities_file=None,
+                                   exclude_identities_file=None, identities_folds=None,
+                                   min_images_per_identity=1)
+    index, report = inspect_data(data_cfg, check=True)
+    return index.identity_to_paths(), list(report.bad_files)
+
+
+def drop_unreadable_pairs(pairs: Sequence[Pair], root: str, pairs_file: str, strict: bool = False,
+                          cache_dir: Optional[str] = None) -> tuple[list[Pair], list[dict]]:
+    """The pairs whose two images decode, and ``[{"line", "image", "reason"}]`` for the others.
+
+    Images are checked as ``mbembed data check`` checks them (`decode.check_files`, cached in
+    `cache_dir`). With `strict`, a pair naming an unreadable image is a `UserError` naming the
+    pairs file, its line and the image instead.
+    """
+    from mobilenet_embed.data.decode import check_files
+
+    paths = list(dict.fromkeys(p for pair in pairs for p in (pair.path_a, pair.path_b)))
+    results = check_files(paths, cache_dir, root=root).results if paths else {}
+    bad = {p: r.reason for p, r in results.items() if not r.ok}
+    kept: list[Pair] = []
+    skipped: list[dict] = []
+    for pair in pairs:
+        image = next((p for p in (pair.path_a, pair.path_b) if p in bad), None)
+        if image is None:
+            kept.append(pair)
+        else:
+            skipped.append({"line": pair.line, "image": image, "reason": bad[image]})
+    if skipped and strict:
+        first, more = skipped[0], len(skipped) - 1
+        raise UserError(f"{pairs_file}:{first['line']}: unreadable image {first['image']} ({first['reason']})"
+                        + (f"; {more} more pair{'s' if more != 1 else ''} name unreadable images" if more else "")
+                        + " (--strict-pairs refuses such pairs; without it they are skipped and counted)")
+    return kept, skipped
 
 
 def _check_pair_counts(ids: dict[str, list[str]], names: list[str], multi: list[str], n_pairs: int,

@@ -33,10 +33,11 @@ def _out_lock(out: str) -> RunLock:
 @click.option("--checkpoint", default=None, metavar="PATH",
               help="Checkpoint file, checkpoint directory or run directory (its best checkpoint, "
                    "else its latest).")
-@click.option("--out", "out_dir", default=None, metavar="DIR", help="Output directory.")
+@click.option("--out", "out_dir", default=None, metavar="DIR",
+              help="Output folder: one export, replaced whole (new, empty or an earlier export).")
 @click.option("--format", "formats", multiple=True, type=click.Choice(FORMATS),
               help="Format to write (repeatable; default: export.formats of the config).")
-@click.option("--force", is_flag=True, help="Replace existing outputs.")
+@click.option("--force", is_flag=True, help="Replace an earlier export in --out (all of it).")
 @click.option("--allow-degraded", is_flag=True,
               help="Keep a format that misses its parity target (and exit 0).")
 @click.option("--pairs", default=None, metavar="FILE",
@@ -54,8 +55,10 @@ def export(ctx: click.Context, config_path: Optional[str], overrides: tuple[str,
 
     Writes the formats of export.formats (or --format) under --out, then export_report.json:
     size, cosine similarity to the Keras model on held-out images, latency (and with --pairs
-    verification accuracy) of each format. Exits 1 when a format misses its parity target
-    (that file is not written unless --allow-degraded).
+    verification accuracy) of each format. --out is one export, replaced whole (--force).
+
+    Exit codes: 0 done; 1 a format missed its parity target and was not written (a
+    "Not written:" line; --allow-degraded keeps it and exits 0); 2 an Error: line (bad input).
     """
     if ctx.invoked_subcommand is not None:
         given = [name for name, value in (("--config", config_path), ("--set", overrides),

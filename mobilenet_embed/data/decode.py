@@ -238,6 +238,16 @@ class CheckCache:
             pass  # a cache that cannot be written only costs time
 
 
+def _utf8_name(path: str) -> bool:
+    """Whether `path` is valid UTF-8 (a name of other bytes reaches Python with surrogate escapes,
+    which TensorFlow's string tensors refuse)."""
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def check_files(paths: Iterable[str], cache_dir: Optional[str] = None, root: Optional[str] = None,
                 stats: Optional[dict] = None) -> CheckStats:
     """Decode every file once and classify it (see the module doc). Returns `CheckStats`.
@@ -256,6 +266,10 @@ def check_files(paths: Iterable[str], cache_dir: Optional[str] = None, root: Opt
     todo: list[str] = []
     todo_stat: list[tuple[int, int]] = []
     for p in paths:
+        if not _utf8_name(p):
+            out.results[p] = FileCheck(ROUTE_BAD, reason="file name is not valid UTF-8 (TensorFlow cannot "
+                                                         "open it; rename the file)")
+            continue
         st = (stats or {}).get(p) or _stat(p)
         if st is None:
             out.results[p] = FileCheck(ROUTE_BAD, reason="file not found" if not os.path.lexists(p)
