@@ -11,7 +11,8 @@ Sets (all of people never trained on: configs/lfw*.yaml train on folds 1-9 of pe
            (scripts/make_recrop_set.py --out RECROP; skipped when --recrop is not given).
 Each run is evaluated with its own run config (`mbembed eval --config RUN/config.yaml --checkpoint
 RUN`: its best checkpoint);
-runs named in --align are evaluated with `--align` (raw photos aligned on the fly). The accuracy
+runs named in --align are evaluated with `--align` on raw photos (--raw-root for fold10 and
+heldout), each aligned on the fly. The accuracy
 is the 10-fold LFW accuracy (mean +- std over folds). MBEMBED overrides the command.
 """
 
@@ -28,8 +29,8 @@ HELDOUT = "configs/heldout/lfw_fold10_pairs.txt"
 RECROPS = ("tight", "loose", "shift")
 
 
-def _sets(recrop: str | None) -> list[tuple[str, list[str]]]:
-    sets = [("fold10", []), ("heldout", ["--pairs", HELDOUT, "--set", "eval.pairs_folds=null"])]
+def _sets(recrop: str | None, root: list[str]) -> list[tuple[str, list[str]]]:
+    sets = [("fold10", root), ("heldout", root + ["--pairs", HELDOUT, "--set", "eval.pairs_folds=null"])]
     if recrop:
         sets += [(name, ["--pairs-root", os.path.join(recrop, name)]) for name in RECROPS]
     return sets
@@ -47,21 +48,26 @@ def _evaluate(mbembed: list[str], run: str, extra: list[str], out: str) -> dict:
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("runs", nargs="+")
+    parser.add_argument("runs", nargs="*")
     parser.add_argument("--recrop", default=None, help="folder written by scripts/make_recrop_set.py")
-    parser.add_argument("--align", nargs="*", default=[], help="runs to evaluate with --align")
+    parser.add_argument("--align", nargs="*", default=[], help="runs to evaluate with --align, on raw photos")
+    parser.add_argument("--raw-root", default="../shared/data/lfw/images_deepfunneled",
+                        help="the raw photos of fold10/heldout for --align runs")
     parser.add_argument("--out", default="results/recipes/table.json")
     args = parser.parse_args(argv)
     mbembed = shlex.split(os.environ.get("MBEMBED", "mbembed"))
     table: dict = {}
     for run in args.runs + args.align:
-        extra = ["--align"] if run in args.align else []
-        for name, set_args in _sets(args.recrop):
+        aligned = run in args.align
+        extra = ["--align"] if aligned else []
+        for name, set_args in _sets(args.recrop, ["--pairs-root", args.raw_root] if aligned else []):
             out = os.path.join(run, "eval_sets", name)
             m = _evaluate(mbembed, run, set_args + extra, out)
             table.setdefault(run, {})[name] = {k: m.get(k) for k in ("accuracy", "accuracy_std", "auc", "eer")}
             table[run][name]["pairs"] = m["n_pairs"]
-    names = [n for n, _ in _sets(args.recrop)]
+    if not table:
+        parser.error("give at least one run (positional or after --align)")
+    names = [n for n, _ in _sets(args.recrop, [])]
     print("\n| run | " + " | ".join(names) + " |\n|---|" + "---:|" * len(names))
     for run, row in table.items():
         cells = [f"{row[n]['accuracy']:.3f} +- {row[n]['accuracy_std']:.3f}" for n in names]

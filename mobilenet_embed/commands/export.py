@@ -19,11 +19,14 @@ from mobilenet_embed.commands.options import config_file_option, config_options,
 from mobilenet_embed.config import Config, load_config
 from mobilenet_embed.errors import UserError
 from mobilenet_embed.export_formats import FORMATS
+from mobilenet_embed.out_folder import check_out_folder
 from mobilenet_embed.runlock import RunLock
 
 
 def _out_lock(out: str) -> RunLock:
-    """The --out folder's lock; its notes (a stale lock taken over) go to stderr."""
+    """The --out folder's lock (after the check that --out is no file); its notes (a stale lock
+    taken over) go to stderr."""
+    check_out_folder(out)
     return RunLock(out, log=lambda line: click.echo(line, err=True))
 
 
