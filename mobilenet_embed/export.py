@@ -198,7 +198,7 @@ def export_model(cfg: "Config", checkpoint: str, out_dir: str, formats: Optional
         if pairs is not None:
             log(f"verification on {pairs}")
             with quiet_native():
-                pairs_info, results = verify_pairs(embedders, cfg, pairs, pairs_root)
+                pairs_info, results = verify_pairs(embedders, cfg, pairs, pairs_root, log)
             for row in [ref_row] + rows:
                 row.verification = results[row.format]
         _keep(rows, built, staged, out_dir, allow_degraded)

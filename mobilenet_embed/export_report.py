@@ -251,10 +251,14 @@ VERIFICATION_KEYS = ("accuracy", "accuracy_std", "threshold", "val", "val_std", 
 
 
 def verify_pairs(embedders: dict[str, Embedder], cfg: "Config", pairs_file: str,
-                  root: Optional[str]) -> tuple[dict, dict[str, dict]]:
+                  root: Optional[str], log: Callable[[str], None] = lambda line: None
+                  ) -> tuple[dict, dict[str, dict]]:
     """Verification metrics of every embedder on a pairs file, through
     `mobilenet_embed.verification.evaluate_pairs` (the code path of `mbembed eval`); pairs naming
-    an unreadable image are skipped, listed in the returned info (``skipped_pairs``)."""
+    an unreadable image are skipped, listed in the returned info (``skipped_pairs``). The folds
+    used are those `mbembed eval` uses (`evaluate.pairs_folds_for`: the config's
+    ``eval.pairs_folds`` only for its own ``eval.pairs`` file or when set with ``--set``)."""
+    from mobilenet_embed.evaluate import pairs_folds_for
     from mobilenet_embed.verification import evaluate_pairs
     from mobilenet_embed.pairs import drop_unreadable_pairs, read_pairs
 
@@ -262,7 +266,8 @@ def verify_pairs(embedders: dict[str, Embedder], cfg: "Config", pairs_file: str,
     if not root:
         raise UserError(f"--pairs {pairs_file}: the image root is unknown; set eval.data "
                         "(or data.path) or pass --pairs-root")
-    pairs, skipped = drop_unreadable_pairs(read_pairs(pairs_file, root, folds=cfg.eval.pairs_folds), root,
+    folds = pairs_folds_for(cfg, pairs_file, log)
+    pairs, skipped = drop_unreadable_pairs(read_pairs(pairs_file, root, folds=folds), root,
                                            pairs_file, cache_dir=cfg.data.check_cache)
     if not pairs:
         raise UserError(f"{pairs_file}: no pairs" + (f" with readable images ({len(skipped)} skipped)"
@@ -274,7 +279,8 @@ def verify_pairs(embedders: dict[str, Embedder], cfg: "Config", pairs_file: str,
                                  flip=cfg.eval.flip, n_folds=cfg.eval.folds,
                                  far_target=cfg.eval.far_target, distance=cfg.eval.distance)
         results[name] = {k: metrics[k] for k in VERIFICATION_KEYS}
-    info = {"file": str(pairs_file), "root": str(root), "n_pairs": len(pairs), "skipped_pairs": skipped,
+    info = {"file": str(pairs_file), "root": str(root), "pairs_folds": folds, "n_pairs": len(pairs),
+            "skipped_pairs": skipped,
             "distance": cfg.eval.distance, "flip": cfg.eval.flip, "folds": cfg.eval.folds}
     return info, results
 

@@ -227,3 +227,18 @@ def test_align_needs_a_template_in_the_models_record(faces, tmp_path):
     result, _ = _eval(tmp_path, "--model", model, "--pairs-root", faces, "--make-pairs", "4", "--align")
     assert result.exit_code == 2
     assert "Error: --align: the model records no alignment (data.align_template: null)" in result.output
+
+
+def test_export_pairs_file_does_not_inherit_the_configs_folds(run, faces, tmp_path):
+    """`mbembed export --pairs` selects folds as `mbembed eval` does (`pairs_folds_for`)."""
+    config = tmp_path / "c.yaml"
+    config.write_text(f"eval:\n  pairs: {os.path.join(faces, 'a.txt')}\n  pairs_folds: [2]\n  folds: 2\n")
+    other = os.path.join(faces, "b.txt")
+    out = tmp_path / "exp"
+    result = _invoke("export", "--config", config, "--checkpoint", run, "--out", out, "--format", "saved_model",
+                     "--latency-runs", "1", "--set", "export.parity_samples=4", "--pairs", other,
+                     "--pairs-root", faces)
+    assert result.exit_code == 0, result.output
+    assert "note: eval.pairs_folds [2] selects folds of the config's eval.pairs" in result.output
+    report = json.loads((out / "export_report.json").read_text())
+    assert report["pairs"]["n_pairs"] == 8 and report["pairs"]["pairs_folds"] is None, report["pairs"]
