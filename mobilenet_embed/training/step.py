@@ -79,10 +79,8 @@ class TrainStep:
                     objective = self.optimizer.scale_loss(objective)
             grads = tape.gradient(objective, variables)
             grads = [tf.convert_to_tensor(g) if isinstance(g, tf.IndexedSlices) else g for g in grads]
-            if replicas > 1:
-                grads = ctx.all_reduce(tf.distribute.ReduceOp.SUM, grads)
+            grads, grad_norm = self._sum_across_replicas(ctx, grads)
             scale = tf.cast(self.optimizer.dynamic_scale, tf.float32) if self.loss_scaled else 1.0
-            grad_norm = tf.linalg.global_norm(grads)
             if self.clip_norm:
                 grads, _ = tf.clip_by_global_norm(grads, self.clip_norm * scale, use_norm=grad_norm)
             self.optimizer.apply(grads, variables)
@@ -94,6 +92,26 @@ class TrainStep:
             return out
 
         return replica_fn
+
+    def _sum_across_replicas(self, ctx, grads: list) -> tuple:
+        """(gradients summed over replicas, their global norm). A sharded head's gradient (the
+        last one) is the whole gradient of this replica's centres already and stays local; its
+        squared norm is summed across replicas instead, and a non-finite value on any replica
+        makes every replica's head gradient non-finite (so a loss-scale optimizer skips the step
+        on all of them alike)."""
+        import tensorflow as tf
+
+        replicas = ctx.num_replicas_in_sync
+        if replicas == 1:
+            return grads, tf.linalg.global_norm(grads)
+        if self.head is None or not getattr(self.head, "sharded", False):
+            grads = ctx.all_reduce(tf.distribute.ReduceOp.SUM, grads)
+            return grads, tf.linalg.global_norm(grads)
+        shared = ctx.all_reduce(tf.distribute.ReduceOp.SUM, grads[:-1])
+        head_sq = ctx.all_reduce(tf.distribute.ReduceOp.SUM, tf.reduce_sum(tf.square(grads[-1])))
+        head_grad = grads[-1] + 0.0 * head_sq  # NaN / inf everywhere when on any replica
+        norm = tf.sqrt(tf.square(tf.linalg.global_norm(shared)) + head_sq)
+        return list(shared) + [head_grad], norm
 
     def _average_moving_statistics(self, ctx) -> None:
         """Average the float non-trainable variables (batch-norm moving mean and variance) over
