@@ -48,6 +48,7 @@ import re
 import shutil
 import sys
 import tempfile
+import zipfile
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Optional
 
@@ -631,6 +632,10 @@ def load_checkpoint_model(checkpoint: str, cfg: Optional["Config"] = None
     resolved = resolve_checkpoint(checkpoint)
     cfg = config_for_checkpoint(cfg, resolved.path if resolved.which == "file" else checkpoint)
     path = resolved.path
+    if resolved.kind == "keras" and os.path.isfile(path) and not zipfile.is_zipfile(path):
+        # Keras says "File not found" for any file it cannot open as a zip archive
+        raise UserError(f"{path}: not a .keras model: a .keras file is a zip archive, this one is not "
+                        f"({os.path.getsize(path):,} bytes; damaged or another format?)")
     try:
         if resolved.kind == "keras":
             model = keras.models.load_model(path, compile=False)

@@ -117,7 +117,7 @@ def _build_formats(model: "keras.Model", work: str, formats: Sequence[str], size
     `metadata` (the preprocessing record) goes into the SavedModel and from it into every format."""
     saved_dir = os.path.join(work, FILENAMES["saved_model"])
     log("writing SavedModel")
-    with quiet_native():
+    with atomic.writing(saved_dir), quiet_native():  # a full disk: one line naming the folder
         export_saved_model(model, saved_dir, size, crop, metadata)
     built = {"saved_model": saved_dir}
     for fmt in formats:

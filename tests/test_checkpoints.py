@@ -237,28 +237,6 @@ def test_a_failed_index_write_removes_the_new_checkpoint(tmp_path, monkeypatch):
     assert _tree(directory) == before and (directory / ck.INDEX).read_text() == index
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-    """A 640 KiB tmpfs mounted for the test (root only); yields (folder, remount read-only)."""
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    try:
-        done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=640k", "tmpfs", str(mnt)],
-                              capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        pytest.skip(f"cannot mount a tmpfs here: {exc}")
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here (needs root): {done.stderr.strip()}")
-
-    def read_only():
-        subprocess.run(["mount", "-o", "remount,ro", str(mnt)], check=True, capture_output=True, timeout=30)
-
-    try:
-        yield mnt, read_only
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], capture_output=True, timeout=30)
-
-
 def test_full_disk_keeps_the_previous_checkpoint_and_its_index(small_disk):
     mnt, _ = small_disk
     directory = mnt / "checkpoints"

@@ -202,3 +202,14 @@ def test_eval_out_must_be_a_folder_and_a_failed_eval_leaves_none(faces, keras_mo
                  "--out", str(out))
     assert result.exit_code == 2 and "--strict-pairs applies to a pairs file" in result.output
     assert not (tmp_path / "new").exists()
+
+
+def test_a_garbage_keras_file_is_named_as_such_not_as_missing(faces, tmp_path):
+    """Keras reports 'File not found' for a file that exists but is no zip archive."""
+    bad = tmp_path / "model.keras"
+    bad.write_bytes(b"not a zip archive")
+    result = cli("eval", "--model", str(bad), "--pairs-root", str(faces), "--make-pairs", "2",
+                 "--set", "eval.folds=2", "--out", str(tmp_path / "out"))
+    assert result.exit_code == 2, result.output
+    assert "not a .keras model: a .keras file is a zip archive" in result.output
+    assert "File not found" not in result.output and result.output.count("Error:") == 1

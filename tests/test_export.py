@@ -220,6 +220,13 @@ def test_crash_leaves_no_half_written_model(tmp_path, cfg, checkpoint, monkeypat
     assert os.listdir(tmp_path) == []  # no export folder, scratch folder removed
 
 
+def test_full_disk_at_the_savedmodel_is_one_line_and_leaves_nothing(small_disk, cfg, checkpoint):
+    mnt, _ = small_disk  # 640 KiB: the tiny model's SavedModel (~1 MB of variables) does not fit
+    with pytest.raises(UserError, match=r"saved_model: cannot write: No space left on device$"):
+        export_model(cfg, checkpoint, str(mnt / "out"), formats=["saved_model"], latency_runs=1)
+    assert os.listdir(mnt) == []  # scratch folder removed, no export folder
+
+
 def test_degraded_format_is_left_out_unless_allowed(tmp_path, cfg, checkpoint, monkeypatch):
     monkeypatch.setitem(export_report.TARGETS, "tflite_float16", ("min", 1.01))
     out = tmp_path / "out"
