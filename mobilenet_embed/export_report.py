@@ -179,9 +179,24 @@ class ExportReport:
         return not self.degraded
 
     def to_dict(self) -> dict:
+        """The JSON record; paths inside the export folder are relative to it (``out_dir`` is
+        ``"."``), so the folder can be moved or shared and its report still holds."""
         data = dataclasses.asdict(self)
         data["passed"] = self.passed
         data["degraded"] = self.degraded
+        out = os.path.abspath(self.out_dir)
+
+        def inside(path: Optional[str]) -> Optional[str]:
+            if not path:
+                return path
+            rel = os.path.relpath(os.path.abspath(path), out)
+            return path if rel == os.pardir or rel.startswith(os.pardir + os.sep) else rel
+
+        data["out_dir"] = "."
+        data["report_path"] = inside(self.report_path)
+        for row in [data["reference"]] + data["formats"]:
+            if row.get("path"):
+                row["path"] = inside(row["path"])
         return data
 
     def input_notes(self) -> list[str]:

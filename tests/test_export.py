@@ -98,6 +98,9 @@ def test_every_format_meets_its_parity_target(exported):
     assert on_disk["passed"] is True and on_disk["degraded"] == []
     assert [r["format"] for r in on_disk["formats"]] == ALL_FORMATS
     assert on_disk["formats"][3]["cosine_mean"] == pytest.approx(report.formats[3].cosine_mean)
+    # paths inside the export folder are recorded relative to it: the folder can be moved
+    assert on_disk["out_dir"] == "." and on_disk["report_path"] == REPORT_NAME
+    assert [r["path"] for r in on_disk["formats"]] == [FILENAMES[f] for f in ALL_FORMATS]
     assert "tflite_int8" in report.table()
 
 
