@@ -269,12 +269,10 @@ def pk_batches(cfg, index: Optional[ImageIndex] = None, start_step: int = 0, num
     seed = int(cfg.seed)
     sampling = getattr(data_cfg, "sampling", "pk")
     if data_cfg.source == "tfrecord":
-        if sampling != "pk":
-            raise UserError(f"data.sampling: '{sampling}' is not available for data.source 'tfrecord' yet "
-                            "(its shards are read by P x K rounds); use pk, or data.source folder")
+        uniform = sampling == "uniform"
         man = tfrecord.load_manifest(data_cfg.path)
-        plan = tfrecord.RoundPlan(man, index, p, k, data_cfg.shuffle_buffer, worker_index, num_workers)
-        plans = tfrecord.tfrecord_pk_plans(man, plan, p, k, seed, start_step, worker_index)
+        plan = tfrecord.RoundPlan(man, index, p, k, data_cfg.shuffle_buffer, worker_index, num_workers, uniform)
+        plans = tfrecord.tfrecord_pk_plans(man, plan, p, k, seed, start_step, worker_index, uniform)
         from_bytes = _from_bytes(data_cfg, augment)
 
         def load(content, pos, length, draws):

@@ -25,6 +25,8 @@ resumption from a step without reading what came before:
   of the ``.index`` file: no `tf.train.Example` parsing in training (the records stay ordinary
   Examples for any other reader).
 - Step n is round ``n // B``, batch ``n mod B``: resuming at step n reads only that round.
+- ``data.sampling: uniform``: the same rounds (holding at least P*K images), each batch P*K
+  distinct records of the round drawn through a stateless permutation of its records.
 """
 
 from __future__ import annotations
@@ -173,7 +175,7 @@ class RoundPlan:
     """Rounds of one worker's shards (see the module doc), from the manifest and an index."""
 
     def __init__(self, man: Manifest, index, p: int, k: int, min_round_images: int, worker_index: int,
-                 num_workers: int):
+                 num_workers: int, uniform: bool = False):
         name_to_label = {n: i for i, n in enumerate(index.identities)}
         self.label_map = np.array([name_to_label.get(n, -1) for n in man.identities], np.int64)
         if len(man.selected) < num_workers:
@@ -207,13 +209,20 @@ class RoundPlan:
         self.record_label = np.concatenate(labels) if labels else np.zeros(0, np.int64)
         images = [images[i] for i in keep]
         identities = [identities[i] for i in keep]
-        if not self.files or sum(identities) < p:
-            raise UserError(f"train.identities_per_batch: expected at most the number of identities in "
-                            f"worker {worker_index}'s shards ({sum(identities)}), received {p}")
+        if uniform:  # a round must hold P*K images (not P identities)
+            if not self.files or sum(images) < p * k:
+                raise UserError(f"train.identities_per_batch: with data.sampling 'uniform' P x K must be at most the "
+                                f"number of images in worker {worker_index}'s shards ({sum(images)}), received {p * k}")
+            min_round_images, need, per_shard = max(min_round_images, p * k), p * k, images
+        else:
+            if not self.files or sum(identities) < p:
+                raise UserError(f"train.identities_per_batch: expected at most the number of identities in "
+                                f"worker {worker_index}'s shards ({sum(identities)}), received {p}")
+            need, per_shard = p, identities
         mean_images = sum(images) / len(images)
         k_shards = max(1, math.ceil(min_round_images / max(mean_images, 1)))
-        smallest = sorted(identities)
-        while k_shards < len(smallest) and sum(smallest[:k_shards]) < p:
+        smallest = sorted(per_shard)
+        while k_shards < len(smallest) and sum(smallest[:k_shards]) < need:
             k_shards += 1
         self.shards_per_round = min(k_shards, len(self.files))
         self.rounds_per_epoch = len(self.files) // self.shards_per_round
@@ -223,9 +232,13 @@ class RoundPlan:
 
 
 def tfrecord_pk_plans(man: Manifest, plan: RoundPlan, p: int, k: int, seed: int, start_step: int,
-                      worker_index: int) -> tf.data.Dataset:
+                      worker_index: int, uniform: bool = False) -> tf.data.Dataset:
     """Per-step plans ``(round contents, image offsets [P*K], lengths [P*K], labels [P*K],
-    augmentation draws [P*K, 6], step)`` from step `start_step` on (see the module doc)."""
+    augmentation draws [P*K, 6], step)`` from step `start_step` on (see the module doc).
+
+    `uniform` (``data.sampling: uniform``): P*K distinct records of the round instead, drawn
+    through a stateless permutation of the round's records (`sampler.TAG_UNIFORM`), so that each
+    record is used about once per round (`plan` must be built with ``uniform=True``)."""
     from mobilenet_embed.data import sampler
 
     files = tf.constant(plan.files)
@@ -254,13 +267,21 @@ def tfrecord_pk_plans(man: Manifest, plan: RoundPlan, p: int, k: int, seed: int,
         rows = tf.gather(kept, tf.argsort(group, stable=True))  # identity-major
         counts = tf.math.bincount(tf.cast(group, tf.int32), minlength=tf.size(uniq), dtype=tf.int64)
         return g, content, tf.gather(pos, rows), tf.gather(tf.gather(rec_len, records), rows), uniq, counts, \
-            tf.cumsum(counts, exclusive=True)
+            tf.cumsum(counts, exclusive=True), tf.gather(labels, rows)
 
-    def batches_of(g, content, pos, lengths, uniq, counts, offsets):
+    def batches_of(g, content, pos, lengths, uniq, counts, offsets, row_labels):
         begin = tf.where(g == first_round, tf.constant(first_batch, tf.int64), tf.constant(0, tf.int64))
 
         def one(b):
             step = g * batches + b
+            if uniform:
+                n = tf.size(row_labels, out_type=tf.int64)  # >= P*K (RoundPlan): the slots are distinct
+                slots = (b * p * k + tf.range(p * k, dtype=tf.int64)) % n
+                rows = tf.random.experimental.index_shuffle(
+                    slots, sampler.fold_key(seed, sampler.TAG_UNIFORM, worker_index, g), n - 1)
+                key = sampler.fold_key(seed, sampler.TAG_STEP, worker_index, step)
+                return (content, tf.gather(pos, rows), tf.gather(lengths, rows), tf.gather(row_labels, rows),
+                        sampler.image_draws(key, p * k), step)
             ids = sampler.choose_identities(tf.size(uniq, out_type=tf.int64), p, b,
                                             lambda n: sampler.fold_key(seed, sampler.TAG_PASS, worker_index, g, n))
             key = sampler.fold_key(seed, sampler.TAG_STEP, worker_index, step)
