@@ -4,6 +4,8 @@ the pixel limit of the data scan (issue 12, point 9). Tiny inputs in tmp_path.""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 
 from mobilenet_embed.data import sampler
@@ -66,3 +68,24 @@ def test_uniform_sampling_reads_tfrecord_shards(tmp_path):
     for (a, la), (b, lb) in zip(stream[4:], resumed):
         np.testing.assert_array_equal(la, lb)
         np.testing.assert_array_equal(a, b)
+
+
+def test_prepare_writes_shards_in_parallel_with_the_same_output(tmp_path):
+    from test_data_pipeline import write_folder
+
+    root = tmp_path / "faces"
+    write_folder(root, [2, 5, 3, 4, 2, 6, 2, 3, 4, 2, 3, 2])
+    one = _prepare(root, tmp_path / "one" / "faces", "--shards", "5", "--workers", "1")
+    many = _prepare(root, tmp_path / "many" / "faces", "--shards", "5", "--workers", "3")
+    assert "(1 at once)" in one.output and "(3 at once)" in many.output
+    names = sorted(p.name for p in (tmp_path / "one").iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "many").iterdir()) and len(names) == 11
+    for name in names:
+        a, b = (tmp_path / "one" / name).read_bytes(), (tmp_path / "many" / name).read_bytes()
+        if name.endswith(".manifest.json"):
+            a, b = ({k: v for k, v in json.loads(x).items() if k != "created"} for x in (a, b))
+        assert a == b, name
+    # records serialised deterministically (map keys sorted), so another process writes the same bytes
+    first = (tmp_path / "one" / "faces-00000-of-00005.tfrecord").read_bytes()
+    at = [first.find(key) for key in (b"identity", b"image", b"label", b"path")]
+    assert -1 not in at and at == sorted(at)

@@ -51,7 +51,10 @@ def data_check(cfg: Config, max_list: Optional[int]) -> None:
               help="Number of shard files (at least the number of training workers).")
 @click.option("--force", is_flag=True, help="Overwrite existing shards and manifest of this prefix.")
 @click.option("--progress/--no-progress", default=True, help="Show a progress bar.")
-def prepare(cfg: Config, data_dir: str, out_prefix: str, shards: int, force: bool, progress: bool) -> None:
+@click.option("--workers", type=click.IntRange(min=1), default=None,
+              help="Shards written at once (default: one per CPU core, at least 2); same output for any number.")
+def prepare(cfg: Config, data_dir: str, out_prefix: str, shards: int, force: bool, progress: bool,
+            workers: Optional[int]) -> None:
     """Write an identity folder as sharded TFRecords plus a JSON manifest (data.source: tfrecord).
 
     Every image is decoded first; unreadable files are skipped, counted and listed in the
@@ -61,9 +64,9 @@ def prepare(cfg: Config, data_dir: str, out_prefix: str, shards: int, force: boo
     from mobilenet_embed.data import prepare_tfrecords
 
     result = prepare_tfrecords(cfg.data, data_dir, out_prefix, shards, force=force, seed=cfg.seed,
-                               progress=progress, log=click.echo)
+                               progress=progress, log=click.echo, workers=workers)
     click.echo(f"wrote {result['images']:,} images of {result['identities']:,} identities into "
-               f"{result['shards']} shards ({result['bytes'] / 1e6:,.1f} MB) in {result['seconds']:.1f} s; "
+               f"{result['shards']} shards ({result['bytes'] / 1e6:,.1f} MB) in {result['seconds']:.1f} s ({result['workers']} at once); "
                f"skipped {result['bad_files']:,} unreadable files and {result['small_identities_skipped']:,} "
                f"identities with fewer than {result['min_images_per_identity']} images; re-encoded "
                f"{result['reencoded_png']:,} as PNG")
