@@ -5,8 +5,10 @@ the pixel limit of the data scan (issue 12, point 9). Tiny inputs in tmp_path.""
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
+import pytest
 
 from mobilenet_embed.data import sampler
 
@@ -83,9 +85,150 @@ def test_prepare_writes_shards_in_parallel_with_the_same_output(tmp_path):
     for name in names:
         a, b = (tmp_path / "one" / name).read_bytes(), (tmp_path / "many" / name).read_bytes()
         if name.endswith(".manifest.json"):
-            a, b = ({k: v for k, v in json.loads(x).items() if k != "created"} for x in (a, b))
+            a, b = ({k: v for k, v in json.loads(x).items() if k not in ("created", "checksum")} for x in (a, b))
         assert a == b, name
     # records serialised deterministically (map keys sorted), so another process writes the same bytes
     first = (tmp_path / "one" / "faces-00000-of-00005.tfrecord").read_bytes()
     at = [first.find(key) for key in (b"identity", b"image", b"label", b"path")]
     assert -1 not in at and at == sorted(at)
+
+
+def _check(*extra):
+    from click.testing import CliRunner
+
+    from mobilenet_embed.cli import main
+
+    return CliRunner().invoke(main, ["data", "check", *extra])
+
+
+def test_check_cache_follows_the_data_to_another_path_and_rechecks_changed_files(tmp_path, monkeypatch):
+    from test_data_pipeline import config, write_folder
+
+    from mobilenet_embed.data import decode, inspect_data
+
+    write_folder(tmp_path / "here" / "faces", [2, 3])
+    cache = tmp_path / "shared-cache"
+    _, first = inspect_data(config(tmp_path / "here" / "faces", f"data.check_cache={cache}").data)
+    assert first.cached_checks == 0 and first.images == 5
+    os.rename(tmp_path / "here", tmp_path / "elsewhere")  # the same data mounted at another path
+    moved = tmp_path / "elsewhere" / "faces"
+    decoded = []
+    real = decode._tf_pass
+    monkeypatch.setattr(decode, "_tf_pass", lambda paths, limit: decoded.extend(paths) or real(paths, limit))
+    _, second = inspect_data(config(moved, f"data.check_cache={cache}").data)
+    assert second.cached_checks == 5 and decoded == [] and not second.bad_files
+    changed = moved / "id01" / "1.jpg"
+    st = changed.stat()
+    os.utime(changed, ns=(st.st_atime_ns, st.st_mtime_ns + 10 ** 9))  # touched: checked again
+    _, third = inspect_data(config(moved, f"data.check_cache={cache}").data)
+    assert third.cached_checks == 4 and decoded == [str(changed)]
+
+
+def test_data_check_trusts_prepared_shards_and_full_decodes_them(tmp_path, monkeypatch):
+    from test_data_pipeline import write_folder
+
+    from mobilenet_embed.data import decode
+    from mobilenet_embed.data.tfrecord import read_shard_index
+
+    write_folder(tmp_path / "faces", [2, 3, 2, 4])
+    prefix = tmp_path / "out" / "faces"
+    _prepare(tmp_path / "faces", prefix, "--shards", "2")
+    shard = tmp_path / "out" / "faces-00000-of-00002.tfrecord"
+    data = ["--set", "data.source=tfrecord", "--set", f"data.path={prefix}-*.tfrecord"]
+    # a record's image bytes damaged in place (same size): only the full check can see it
+    where = read_shard_index(str(shard))
+    content = bytearray(shard.read_bytes())
+    content[where[0, 0]:where[0, 0] + where[0, 1]] = b"\0" * int(where[0, 1])
+    shard.write_bytes(bytes(content))
+    real = decode.shapes_of
+    monkeypatch.setattr(decode, "shapes_of", lambda *a: pytest.fail("the trusted check decoded"))
+    trusted = _check(*data)
+    assert trusted.exit_code == 0, trusted.output
+    assert "manifest checksum, shard sizes and record counts verified" in trusted.output
+    monkeypatch.setattr(decode, "shapes_of", real)
+    full = _check(*data, "--full", "--set", "data.max_bad_fraction=0.5")
+    assert full.exit_code == 0, full.output
+    assert "unreadable images: 1" in full.output and f"tfrecord:0:0 ({shard}): corrupt record" in full.output
+    with open(shard, "ab") as fh:  # the shard grew: refused
+        fh.write(b"x")
+    grown = _check(*data)
+    assert grown.exit_code == 2 and f"Error: {shard}:" in grown.output and "run `mbembed prepare` again" in grown.output
+    shard.write_bytes(bytes(content))
+    manifest = tmp_path / "out" / "faces.manifest.json"
+    edit = json.loads(manifest.read_text())
+    edit["image_sizes"] = {"1x1": 1}
+    manifest.write_text(json.dumps(edit))
+    edited = _check(*data)
+    assert edited.exit_code == 2 and "checksum mismatch" in edited.output
+
+
+def test_non_utf8_names_are_listed_as_unreadable_not_a_traceback(tmp_path):
+    from test_data_pipeline import write_folder
+
+    root = tmp_path / "faces"
+    write_folder(root, [3, 3, 2])
+    jpeg = (root / "id00" / "0.jpg").read_bytes()
+    with open(os.path.join(os.fsencode(root / "id00"), b"\xff.jpg"), "wb") as fh:
+        fh.write(jpeg)
+    os.mkdir(os.path.join(os.fsencode(root), b"id\xfe"))
+    with open(os.path.join(os.fsencode(root), b"id\xfe", b"a.jpg"), "wb") as fh:
+        fh.write(jpeg)
+    data = ["--set", "data.source=folder", "--set", f"data.path={root}", "--set", "data.check_cache=null",
+            "--set", "data.max_bad_fraction=0.5"]
+    result = _check(*data)
+    assert result.exit_code == 0, (result.output, result.exception)
+    assert "unreadable images: 2" in result.output
+    assert "id00/\\xff.jpg: file name is not valid UTF-8" in result.output
+    assert "id\\xfe/a.jpg: file name is not valid UTF-8" in result.output
+    prepared = _prepare(root, tmp_path / "out" / "faces", "--shards", "1", "--set", "data.max_bad_fraction=0.5")
+    assert "skipped 2 unreadable files" in prepared.output
+    bad = json.loads((tmp_path / "out" / "faces.manifest.json").read_text())["bad_files"]
+    assert sorted(p for p, _ in bad) == sorted([f"{root}/id00/\\xff.jpg", f"{root}/id\\xfe/a.jpg"])
+
+
+def test_symlink_loop_in_the_data_folder_is_reported_and_the_scan_ends(tmp_path):
+    from test_data_pipeline import write_folder
+
+    root = tmp_path / "faces"
+    write_folder(root, [3, 2])
+    os.mkdir(root / "id00" / "sub")
+    os.symlink("..", root / "id00" / "sub" / "loop")  # id00/sub/loop -> id00
+    result = _check("--set", "data.source=folder", "--set", f"data.path={root}", "--set", "data.check_cache=null")
+    assert result.exit_code == 0, (result.output, result.exception)
+    assert "identities: 2   images: 5" in result.output
+    assert f"{root}/id00/sub/loop: symlink loop" in result.output
+
+
+def _png_header(width: int, height: int) -> bytes:
+    """A PNG signature and IHDR claiming `width` x `height`, then no pixel data."""
+    import struct
+    import zlib
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 13) + b"IHDR" + ihdr
+            + struct.pack(">I", zlib.crc32(b"IHDR" + ihdr)) + b"\0" * 64)
+
+
+def test_images_above_the_pixel_limit_are_counted_bad_from_their_header(tmp_path):
+    from PIL import Image
+    from test_data_pipeline import config, write_folder
+
+    from mobilenet_embed.data import inspect_data
+
+    root = tmp_path / "faces"
+    write_folder(root, [3, 3, 3])  # 40x40
+    big = np.zeros((50, 60, 3), np.uint8)
+    Image.fromarray(big).save(root / "id00" / "big.jpg")
+    Image.fromarray(big[..., 0]).save(root / "id01" / "big.pgm")  # Pillow's route
+    (root / "id02" / "huge.png").write_bytes(_png_header(20000, 20000))  # 400 Mpixels: header only
+    cache = tmp_path / "cache"
+    _, report = inspect_data(config(root, "data.max_pixels=2000", f"data.check_cache={cache}").data)
+    reasons = {os.path.basename(p): r for p, r in report.bad_files}
+    assert reasons == {"big.jpg": "too large: 60x50 = 3,000 pixels > data.max_pixels (2,000)",
+                       "big.pgm": "too large: 60x50 = 3,000 pixels > data.max_pixels (2,000)",
+                       "huge.png": "too large: 20000x20000 = 400,000,000 pixels > data.max_pixels (2,000)"}
+    _, default = inspect_data(config(root, f"data.check_cache={cache}").data)  # 40,000,000: re-checked
+    assert [(os.path.basename(p), r) for p, r in default.bad_files] == [
+        ("huge.png", "too large: 20000x20000 = 400,000,000 pixels > data.max_pixels (40,000,000)")]
+    _, lower = inspect_data(config(root, "data.max_pixels=1000", f"data.check_cache={cache}").data)
+    assert len(lower.bad_files) == 12 and lower.cached_checks == 12  # cached sizes against the new limit

@@ -24,7 +24,10 @@ def data_group() -> None:
 @config_options
 @click.option("--max-list", type=click.IntRange(min=0), default=None,
               help="List at most this many unreadable files (default: all).")
-def data_check(cfg: Config, max_list: Optional[int]) -> None:
+@click.option("--full", is_flag=True,
+              help="Decode every image again: folder, ignoring the check cache; tfrecord, every record of the "
+                   "shards (default: trust the shards `prepare` wrote: checksum, sizes and counts verified).")
+def data_check(cfg: Config, max_list: Optional[int], full: bool) -> None:
     """Count identities and images, decode every image, list unreadable files with reasons.
 
     Exit code 2 when the data path is missing or empty, no identity has two readable images,
@@ -33,7 +36,7 @@ def data_check(cfg: Config, max_list: Optional[int]) -> None:
     from mobilenet_embed.data import inspect_data, validate_report
 
     t0 = time.perf_counter()
-    _, report = inspect_data(cfg.data, check=True)
+    _, report = inspect_data(cfg.data, check=True, full=full)
     for line in report.summary_lines(max_bad=max_list):
         click.echo(line)
     validate_report(report, cfg.data)

@@ -38,6 +38,7 @@ from mobilenet_embed.data.index import ImageIndex, build_index, split_identities
 from mobilenet_embed.data.preprocess import (color_jitter, crop_resize_decoded, crop_resize_encoded,
                                              preprocess_images)
 from mobilenet_embed.errors import UserError
+from mobilenet_embed.image_files import display_path
 
 _INF = np.iinfo(np.int64).max
 
@@ -327,11 +328,12 @@ def images_dataset(data_cfg, paths: list, batch_size: int, check: bool = True) -
     if odd:
         raise UserError(f"{odd[0]}: image keys cannot be mixed with file paths")
     if check and paths:
-        result = decode.check_files(paths, getattr(data_cfg, "check_cache", None))
+        result = decode.check_files(paths, getattr(data_cfg, "check_cache", None),
+                                    max_pixels=getattr(data_cfg, "max_pixels", decode.DEFAULT_MAX_PIXELS))
         bad = [(p, result.results[p].reason) for p in paths if not result.results[p].ok]
         if bad:
             more = f" (and {len(bad) - 1} more unreadable images)" if len(bad) > 1 else ""
-            raise UserError(f"{bad[0][0]}: unreadable image: {bad[0][1]}{more}")
+            raise UserError(f"{display_path(bad[0][0])}: unreadable image: {bad[0][1]}{more}")
         pillow = np.array([result.results[p].route == decode.ROUTE_PILLOW for p in paths], bool)
     else:
         pillow = np.array([decode.route_by_extension(p) == decode.ROUTE_PILLOW for p in paths], bool)

@@ -137,6 +137,61 @@ def load_manifest(path: Optional[str]) -> Manifest:
     return Manifest(path + MANIFEST_SUFFIX, _read_json(path + MANIFEST_SUFFIX))
 
 
+def manifest_checksum(data: dict) -> str:
+    """sha256 of the manifest's content without its ``checksum`` entry (keys sorted, compact)."""
+    import hashlib
+
+    body = {k: v for k, v in data.items() if k != "checksum"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode("utf-8")).hexdigest()
+
+
+def verify_shards(man: Manifest) -> None:
+    """Trust check of the selected shards without reading them: the manifest's checksum, each
+    shard's size in bytes and its ``.index``'s record count as `prepare` wrote them (manifests of
+    earlier versions carry no size or checksum: only the record counts are compared)."""
+    again = "; run `mbembed prepare` again"
+    if "checksum" in man.data and man.data["checksum"] != manifest_checksum(man.data):
+        raise UserError(f"{man.path}: checksum mismatch: the manifest was changed after `mbembed prepare` "
+                        f"wrote it{again}")
+    missing = [f for i in man.selected for f in (man.files[i], man.files[i] + INDEX_SUFFIX)
+               if not tf.io.gfile.exists(f)]
+    if missing:
+        raise UserError(f"data.path: shard file not found: {missing[0]}"
+                        + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    for i in man.selected:
+        shard, path = man.shards[i], man.files[i]
+        expected = {path + INDEX_SUFFIX: 16 * int(shard["images"])}
+        if "bytes" in shard:
+            expected[path] = int(shard["bytes"])
+        for f, size in expected.items():
+            actual = tf.io.gfile.stat(f).length
+            if actual != size:
+                raise UserError(f"{f}: {actual:,} bytes, the manifest {man.path} says {size:,}: changed after "
+                                f"`mbembed prepare` wrote it{again}")
+
+
+def decode_records(man: Manifest, max_pixels: int) -> list[tuple[int, int, str]]:
+    """Decode every record of the selected shards (`data check --full`); (shard, record, reason)
+    of those TensorFlow cannot decode or that are above `max_pixels`."""
+    from mobilenet_embed.data import decode
+
+    bad = []
+    for s in man.selected:
+        where = read_shard_index(man.files[s])
+        with tf.io.gfile.GFile(man.files[s], "rb") as fh:
+            content = fh.read()
+        blobs = [content[a:a + n] for a, n in where.tolist()]
+        items = tf.data.Dataset.from_tensor_slices((np.arange(len(blobs), dtype=np.int64),
+                                                    tf.constant(blobs, tf.string) if blobs else tf.zeros([0], tf.string)))
+        good = decode.shapes_of(items, max_pixels)
+        for r in range(len(blobs)):
+            if r not in good:
+                bad.append((s, r, "corrupt record (TensorFlow cannot decode its image)"))
+            elif good[r][2]:
+                bad.append((s, r, decode.too_large_reason(good[r][0], good[r][1], max_pixels)))
+    return bad
+
+
 def parse_key(key: str) -> tuple[int, int]:
     try:
         prefix, shard, record = key.split(":")

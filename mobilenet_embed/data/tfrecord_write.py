@@ -28,8 +28,9 @@ import tensorflow as tf
 from mobilenet_embed.data import decode
 from mobilenet_embed.data.index import ImageIndex, inspect_data
 from mobilenet_embed.data.tfrecord import (FORMAT, INDEX_SUFFIX, MANIFEST_SUFFIX, SHARD_RE, VERSION,
-                                           shard_name)
+                                           manifest_checksum, shard_name)
 from mobilenet_embed.errors import UserError
+from mobilenet_embed.image_files import display_path
 
 
 def _encoded_bytes(path: str, pillow: bool) -> bytes:
@@ -124,7 +125,7 @@ def _write_shard(readers, index: ImageIndex, rows: list[int], pillow: np.ndarray
             bar.update(1)
     with tf.io.gfile.GFile(tmp_index, "wb") as fh:
         fh.write(np.asarray(where, dtype="<i8").reshape(-1, 2).tobytes())
-    return n_bytes
+    return n_bytes, at
 
 
 def default_workers() -> int:
@@ -162,13 +163,13 @@ def _write_shards(index: ImageIndex, per_shard: list[list[int]], names: list[str
         raise
     finally:
         bar.close()
-    shard_info = [{"file": os.path.basename(names[s]), "images": len(rows[s]),
+    shard_info = [{"file": os.path.basename(names[s]), "images": len(rows[s]), "bytes": int(sizes[s][1]),
                    "index": os.path.basename(names[s]) + INDEX_SUFFIX,
                    "runs": [[int(i), int(counts[i])] for i in per_shard[s]]} for s in range(len(names))]
     for s, final in enumerate(names):
         tf.io.gfile.rename(tmps[s][0], final, overwrite=True)
         tf.io.gfile.rename(tmps[s][1], final + INDEX_SUFFIX, overwrite=True)
-    return shard_info, sum(sizes)
+    return shard_info, sum(n for n, _ in sizes)
 
 
 def _remove_shards(paths: list[str]) -> None:
@@ -179,6 +180,7 @@ def _remove_shards(paths: list[str]) -> None:
 
 
 def _write_manifest(path: str, manifest: dict) -> None:
+    manifest = {**manifest, "checksum": manifest_checksum(manifest)}
     tmp = f"{path}.tmp-{os.getpid()}"
     with tf.io.gfile.GFile(tmp, "w") as fh:
         fh.write(json.dumps(manifest, indent=1))
@@ -229,7 +231,7 @@ def prepare_tfrecords(data_cfg, data_dir: str, out_prefix: str, shards: int, for
         "counts": [int(c) for c in counts], "shards": shard_info,
         "image_sizes": report.image_sizes, "reencoded_png": reencoded,
         "min_images_per_identity": int(data_cfg.min_images_per_identity),
-        "bad_files": [[p, r] for p, r in report.bad_files],
+        "bad_files": [[display_path(p), r] for p, r in report.bad_files],
     })
     return {"images": int(index.num_images), "identities": int(index.num_identities), "shards": shards,
             "small_identities_skipped": int(report.identities - index.num_identities),
