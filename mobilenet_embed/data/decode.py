@@ -193,7 +193,15 @@ _ZEROS = b"\0" * 32
 
 def header_size(contents: tf.Tensor) -> tf.Tensor:
     """(height, width) int64 ``[2]`` from an encoded image's header, without decoding it;
-    ``[0, 0]`` when the format is not JPEG, PNG, GIF, BMP or WebP (graph ops only)."""
+    ``[0, 0]`` when the format is not JPEG, PNG, GIF, BMP or WebP (graph ops only; a JPEG costs
+    one comparison and `tf.image.extract_jpeg_shape`)."""
+    is_jpeg = tf.equal(tf.strings.substr(contents, 0, 3), b"\xff\xd8\xff")
+    return tf.cond(is_jpeg, lambda: tf.cast(tf.image.extract_jpeg_shape(contents)[:2], tf.int64),
+                   lambda: _other_header_size(contents))
+
+
+def _other_header_size(contents: tf.Tensor) -> tf.Tensor:
+    """`header_size` of PNG, GIF, BMP and WebP (fixed byte positions of the first 32 bytes)."""
     head = tf.strings.substr(tf.strings.join([tf.strings.substr(contents, 0, 32), _ZEROS]), 0, 32)
     b = tf.cast(tf.io.decode_raw(head, tf.uint8), tf.int64)
 
@@ -203,15 +211,15 @@ def header_size(contents: tf.Tensor) -> tf.Tensor:
     def be(i, n):
         return sum(b[i + j] * (256 ** (n - 1 - j)) for j in range(n))
 
-    start = tf.strings.substr(head, 0, 4)
     fourcc = tf.strings.substr(head, 12, 4)
-    webp = tf.logical_and(tf.equal(start, b"RIFF"), tf.equal(tf.strings.substr(head, 8, 4), b"WEBP"))
+    webp = tf.logical_and(tf.equal(tf.strings.substr(head, 0, 4), b"RIFF"),
+                          tf.equal(tf.strings.substr(head, 8, 4), b"WEBP"))
     vp8l_bits = le(21, 4)
     candidates = [
         (tf.equal(tf.strings.substr(head, 0, 8), b"\x89PNG\r\n\x1a\n"), tf.stack([be(20, 4), be(16, 4)])),
         (tf.equal(tf.strings.substr(head, 0, 3), b"GIF"), tf.stack([le(8, 2), le(6, 2)])),
-        (tf.equal(tf.strings.substr(head, 0, 2), b"BM"), tf.stack([tf.abs(le(22, 4) - tf.cast(b[25] >= 128, tf.int64)
-                                                                           * 2 ** 32), le(18, 4)])),
+        (tf.equal(tf.strings.substr(head, 0, 2), b"BM"),
+         tf.stack([tf.abs(le(22, 4) - tf.cast(b[25] >= 128, tf.int64) * 2 ** 32), le(18, 4)])),
         (tf.logical_and(webp, tf.equal(fourcc, b"VP8X")), tf.stack([le(27, 3) + 1, le(24, 3) + 1])),
         (tf.logical_and(webp, tf.equal(fourcc, b"VP8 ")), tf.stack([le(28, 2) % 16384, le(26, 2) % 16384])),
         (tf.logical_and(webp, tf.equal(fourcc, b"VP8L")),
@@ -220,28 +228,44 @@ def header_size(contents: tf.Tensor) -> tf.Tensor:
     size = tf.zeros([2], tf.int64)
     for match, hw in reversed(candidates):
         size = tf.where(match, hw, size)
-    is_jpeg = tf.equal(tf.strings.substr(head, 0, 3), b"\xff\xd8\xff")
-    return tf.cond(is_jpeg, lambda: tf.cast(tf.image.extract_jpeg_shape(contents)[:2], tf.int64), lambda: size)
+    return size
+
+
+# a 1x1 PNG, decoded instead of an image above the pixel limit (no tf.cond per image: measured,
+# a cond in the map doubled the check's CPU time on small JPEGs)
+_TINY_PNG = (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00\x00\x00\x01\x00\x00\x00\x01\x08\x02\x00\x00\x00\x90wS"
+             b"\xde\x00\x00\x00\x0cIDATx\x9cc```\x00\x00\x00\x04\x00\x01\xf6\x178U\x00\x00\x00\x00IEND\xaeB`\x82")
 
 
 def _tf_pass(paths: list[str], max_pixels: int) -> dict[int, tuple[int, int, bool]]:
     """Decode `paths` with TensorFlow in parallel; {position: (height, width, too large)} of the
-    good ones (a file above `max_pixels` by its header is not decoded)."""
+    good ones (a file above `max_pixels` by its header is not decoded). Files named .jpg/.jpeg
+    take the JPEG header reader alone (a JPEG that is not one fails it and goes to `_diagnose`)."""
     if not paths:
         return {}
-    ds = tf.data.Dataset.from_tensor_slices((np.arange(len(paths), dtype=np.int64), paths))
-    return shapes_of(ds.map(lambda i, p: (i, tf.io.read_file(p))), max_pixels)
+    jpeg = np.array([os.path.splitext(p)[1].lower() in (".jpg", ".jpeg") for p in paths], bool)
+    good: dict[int, tuple[int, int, bool]] = {}
+    for group, is_jpeg in ((np.flatnonzero(jpeg), True), (np.flatnonzero(~jpeg), False)):
+        if len(group):
+            ds = tf.data.Dataset.from_tensor_slices((group.astype(np.int64), [paths[i] for i in group.tolist()]))
+            good.update(shapes_of(ds, max_pixels, is_jpeg, load=tf.io.read_file))
+    return good
 
 
-def shapes_of(items: tf.data.Dataset, max_pixels: int) -> dict[int, tuple[int, int, bool]]:
+def shapes_of(items: tf.data.Dataset, max_pixels: int, jpeg: bool = False, load=None
+              ) -> dict[int, tuple[int, int, bool]]:
     """{i: (height, width, too large)} of the ``(i, encoded bytes)`` of `items` that TensorFlow
-    decodes (in parallel); one above `max_pixels` by its header is not decoded."""
+    decodes (in parallel); one above `max_pixels` by its header is not decoded. `jpeg`: every
+    item is read as JPEG (`tf.image.extract_jpeg_shape`, which fails on anything else).
+    `load`: items are ``(i, x)`` and ``load(x)`` the bytes (read inside the parallel map)."""
 
     def decode(i, contents):
-        hw = header_size(contents)
+        if load is not None:
+            contents = load(contents)
+        hw = (tf.cast(tf.image.extract_jpeg_shape(contents)[:2], tf.int64) if jpeg else header_size(contents))
         big = hw[0] * hw[1] > max_pixels
-        shape = tf.cond(big, lambda: hw,
-                        lambda: tf.cast(tf.shape(decode_image_bytes(contents))[:2], tf.int64))
+        shape = tf.cast(tf.shape(decode_image_bytes(tf.where(big, _TINY_PNG, contents)))[:2], tf.int64)
+        shape = tf.where(big, hw, shape)
         return i, shape[0], shape[1], big
 
     ds = items.map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
@@ -269,6 +293,7 @@ class CheckCache:
 
     def __init__(self, cache_dir: Optional[str], root: str):
         self.root = os.path.abspath(root)
+        self._prefixes = (os.path.join(str(root), ""), os.path.join(self.root, ""))
         self.file = None
         self.entries: dict[str, list] = {}
         self.dirty = False
@@ -285,6 +310,9 @@ class CheckCache:
                 self.entries = {}
 
     def _key(self, path: str) -> str:
+        for prefix in self._prefixes:  # the scan's paths start with the folder as given: no relpath
+            if path.startswith(prefix):
+                return path[len(prefix):]
         return os.path.relpath(os.path.abspath(path), self.root)
 
     def get(self, path: str, stat: tuple[int, int], max_pixels: int) -> Optional[FileCheck]:
