@@ -232,3 +232,20 @@ def test_images_above_the_pixel_limit_are_counted_bad_from_their_header(tmp_path
         ("huge.png", "too large: 20000x20000 = 400,000,000 pixels > data.max_pixels (40,000,000)")]
     _, lower = inspect_data(config(root, "data.max_pixels=1000", f"data.check_cache={cache}").data)
     assert len(lower.bad_files) == 12 and lower.cached_checks == 12  # cached sizes against the new limit
+
+
+def test_choose_images_costs_k_not_the_largest_identity():
+    """K distinct images of an identity of 2**40 (a dense [P, max count] draw cannot be built)."""
+    import tensorflow as tf
+
+    key = sampler.fold_key(3, sampler.TAG_STEP, 0, 5)
+    counts = tf.constant([2 ** 40, 5, 1, 3], tf.int64)
+    rows = sampler.choose_images(counts, 4, key).numpy()
+    np.testing.assert_array_equal(rows, sampler.choose_images(counts, 4, key).numpy())  # stateless
+    assert len(set(rows[0].tolist())) == 4 and rows[0].max() < 2 ** 40
+    assert len(set(rows[1].tolist())) == 4 and rows[1].max() < 5
+    assert rows[2].tolist() == [0, 0, 0, 0]
+    assert sorted(rows[3, :3].tolist()) == [0, 1, 2] and rows[3, 3] < 3  # all 3, then one again
+    seen = {tuple(sampler.choose_images(tf.constant([6], tf.int64), 2, sampler.fold_key(0, 1, n)).numpy()[0])
+            for n in range(60)}
+    assert len(seen) > 20  # draws vary with the key (30 ordered pairs of 6 images)

@@ -199,7 +199,6 @@ def _index_plans(index: ImageIndex, sources: tuple, p: int, k: int, seed: int, s
     counts = tf.constant(counts_all[usable], tf.int64)
     offsets = tf.constant(offsets_all[usable], tf.int64)
     labels_of = tf.constant(usable, tf.int64)
-    max_count = int(counts_all[usable].max())
     sources = tuple(tf.constant(np.asarray(s)[order]) for s in sources)
     if sampling == "uniform":
         return _uniform_plans(counts_all, offsets_all, usable, sources, p * k, seed, start_step, worker_index,
@@ -210,7 +209,7 @@ def _index_plans(index: ImageIndex, sources: tuple, p: int, k: int, seed: int, s
                                         lambda n: sampler.fold_key(seed, sampler.TAG_PASS, num_workers, n),
                                         group=num_workers, member=worker_index)
         key = sampler.fold_key(seed, sampler.TAG_STEP, worker_index, step)
-        rows, owners = sampler.pk_plan(offsets, counts, ids, k, key, max_count)
+        rows, owners = sampler.pk_plan(offsets, counts, ids, k, key)
         picked = tuple(tf.gather(s, rows) for s in sources)
         return (*picked, tf.gather(labels_of, owners), sampler.image_draws(key, p * k), step)
 

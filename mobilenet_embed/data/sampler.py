@@ -67,31 +67,37 @@ def uniform_rows(num_images: int, batch: int, step: tf.Tensor, seed: int, worker
                              group=num_workers, member=worker_index)
 
 
-def choose_images(counts: tf.Tensor, k: int, key: tf.Tensor, max_count: int) -> tf.Tensor:
-    """Positions (int64 ``[P, k]``) of k images inside each identity of image count `counts`."""
+def choose_images(counts: tf.Tensor, k: int, key: tf.Tensor) -> tf.Tensor:
+    """Positions (int64 ``[P, k]``) of k images inside each identity of image count `counts`.
+
+    The first min(c, k) slots of an identity are the first positions of a stateless permutation
+    of its c images (`tf.random.experimental.index_shuffle`, one seed per identity): distinct,
+    and O(P k) whatever c (a dense ``[P, max count]`` draw cost 4.9 ms per batch at 100k images
+    whose largest identity holds 9,000); the remaining k - c slots are drawn with replacement."""
     counts = tf.cast(counts, tf.int64)
-    width = max(int(max_count), k)
     key_a = tf.random.experimental.stateless_fold_in(key, 1)
     key_b = tf.random.experimental.stateless_fold_in(key, 2)
     p = tf.shape(counts)[0]
-    u = tf.random.stateless_uniform(tf.stack([p, width]), seed=key_a)
-    j = tf.range(width, dtype=tf.int64)
-    masked = tf.where(j[None, :] < counts[:, None], u, -1.0)
-    top = tf.cast(tf.math.top_k(masked, k).indices, tf.int64)
+    seeds = tf.random.stateless_uniform(tf.stack([p, 3]), seed=key_a, minval=None, maxval=None, dtype=tf.int64)
+    slots = tf.range(k, dtype=tf.int64)
+    index = tf.minimum(slots[None, :], counts[:, None] - 1)  # [P, k], within each identity's range
+    flat_seeds = tf.reshape(tf.repeat(seeds[:, None, :], k, axis=1), [-1, 3])
+    flat_max = tf.reshape(tf.repeat(counts[:, None] - 1, k, axis=1), [-1])
+    # the raw op: `tf.random.experimental.index_shuffle` pads an [n, 2] seed into [n + 1, 2] (TF 2.21)
+    top = tf.reshape(tf.raw_ops.RandomIndexShuffle(index=tf.reshape(index, [-1]), seed=flat_seeds,
+                                                   max_index=flat_max, rounds=4), tf.stack([p, k]))
     u2 = tf.random.stateless_uniform(tf.stack([p, k]), seed=key_b)
     extra = tf.minimum(tf.cast(tf.floor(u2 * tf.cast(counts[:, None], tf.float32)), tf.int64),
                        counts[:, None] - 1)
-    slots = tf.range(k, dtype=tf.int64)
     return tf.where(slots[None, :] < counts[:, None], top, extra)
 
 
-def pk_plan(offsets: tf.Tensor, counts: tf.Tensor, identity_positions: tf.Tensor, k: int, key: tf.Tensor,
-            max_count: int):
+def pk_plan(offsets: tf.Tensor, counts: tf.Tensor, identity_positions: tf.Tensor, k: int, key: tf.Tensor):
     """Image rows (int64 ``[P*k]``, identity-major) of the chosen identities, and the identity
     position of each row."""
     sel_counts = tf.gather(counts, identity_positions)
     sel_offsets = tf.gather(offsets, identity_positions)
-    positions = choose_images(sel_counts, k, key, max_count)
+    positions = choose_images(sel_counts, k, key)
     rows = tf.reshape(sel_offsets[:, None] + positions, [-1])
     owners = tf.reshape(tf.repeat(identity_positions[:, None], k, axis=1), [-1])
     return rows, owners

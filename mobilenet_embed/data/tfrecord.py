@@ -31,6 +31,7 @@ resumption from a step without reading what came before:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -139,8 +140,6 @@ def load_manifest(path: Optional[str]) -> Manifest:
 
 def manifest_checksum(data: dict) -> str:
     """sha256 of the manifest's content without its ``checksum`` entry (keys sorted, compact)."""
-    import hashlib
-
     body = {k: v for k, v in data.items() if k != "checksum"}
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode("utf-8")).hexdigest()
 
@@ -237,12 +236,11 @@ class RoundPlan:
             raise UserError(f"data.path: {len(man.selected)} shards cannot be split across {num_workers} "
                             f"workers; run `mbembed prepare` with --shards >= {num_workers}")
         mine = [s for j, s in enumerate(man.selected) if j % num_workers == worker_index]
-        images, identities, max_count = [], [], 1
+        images, identities = [], []
         for s in mine:
             runs = [(lab, c) for lab, c in man.shards[s]["runs"] if self.label_map[lab] >= 0]
             images.append(sum(c for _, c in runs))
             identities.append(len({lab for lab, _ in runs}))
-            max_count = max([max_count] + [c for _, c in runs])
         keep = [i for i, n in enumerate(images) if n > 0]
         self.files = [man.files[mine[i]] for i in keep]
         # per record of the kept shards, flat: image offset and length in its shard, index label
@@ -282,7 +280,6 @@ class RoundPlan:
         self.shards_per_round = min(k_shards, len(self.files))
         self.rounds_per_epoch = len(self.files) // self.shards_per_round
         self.batches_per_round = max(1, int(round(self.shards_per_round * mean_images / (p * k))))
-        self.max_count = max_count
         self.images = sum(images)
 
 
@@ -340,7 +337,7 @@ def tfrecord_pk_plans(man: Manifest, plan: RoundPlan, p: int, k: int, seed: int,
             ids = sampler.choose_identities(tf.size(uniq, out_type=tf.int64), p, b,
                                             lambda n: sampler.fold_key(seed, sampler.TAG_PASS, worker_index, g, n))
             key = sampler.fold_key(seed, sampler.TAG_STEP, worker_index, step)
-            rows, owners = sampler.pk_plan(offsets, counts, ids, k, key, plan.max_count)
+            rows, owners = sampler.pk_plan(offsets, counts, ids, k, key)
             return (content, tf.gather(pos, rows), tf.gather(lengths, rows), tf.gather(uniq, owners),
                     sampler.image_draws(key, p * k), step)
 
