@@ -50,7 +50,7 @@ from mobilenet_embed.image_files import is_utf8_name
 ROUTE_TF, ROUTE_PILLOW, ROUTE_BAD = "tf", "pillow", "bad"
 CACHE_VERSION = 2
 DEFAULT_MAX_PIXELS = 40_000_000
-NOT_UTF8 = "file name is not valid UTF-8"
+NOT_UTF8 = "file name is not valid UTF-8 (TensorFlow cannot open it; rename the file)"
 _TOO_LARGE = "too large: "
 
 
