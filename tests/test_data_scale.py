@@ -122,6 +122,8 @@ def test_check_cache_follows_the_data_to_another_path_and_rechecks_changed_files
     os.utime(changed, ns=(st.st_atime_ns, st.st_mtime_ns + 10 ** 9))  # touched: checked again
     _, third = inspect_data(config(moved, f"data.check_cache={cache}").data)
     assert third.cached_checks == 4 and decoded == [str(changed)]
+    _, full = inspect_data(config(moved, f"data.check_cache={cache}").data, full=True)  # data check --full
+    assert full.cached_checks == 0 and len(decoded) == 6
 
 
 def test_data_check_trusts_prepared_shards_and_full_decodes_them(tmp_path, monkeypatch):
