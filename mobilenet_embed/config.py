@@ -535,11 +535,32 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
         if "versions" in data:  # a run's own config.yaml (older ones have flat loss keys)
             data = migrate_flat_loss_keys(data)
         _apply(cfg, _settings(data), "", source)
+    given: dict = {"file": _dotted(_settings(data)) if path is not None else {}, "set": {}}
     for text in overrides:
         key, value = parse_override(text)
         _apply(cfg, _nest(key, value), "", "--set")
+        given["set"].update(_dotted(_nest(key, value)))
     _check_consistency(cfg, source)
+    cfg._given = given  # not a setting: what the user gave, for `given_settings`
     return cfg
+
+
+def _dotted(data: Any, prefix: str = "") -> dict:
+    """A nested mapping flattened to ``{"section.key": value}``."""
+    if not isinstance(data, dict):
+        return {prefix[:-1]: data} if prefix else {}
+    out: dict = {}
+    for key, value in data.items():
+        out.update(_dotted(value, f"{prefix}{key}."))
+    return out
+
+
+def given_settings(cfg: Config) -> dict:
+    """The dotted keys the user gave to `load_config`: ``{"file": {key: value}, "set": {key:
+    value}}`` (the config file's keys and the ``--set`` ones); both empty for a config made any
+    other way. Commands use it to tell a value the user chose from a default."""
+    given = getattr(cfg, "_given", None)
+    return given if given is not None else {"file": {}, "set": {}}
 
 
 def config_to_dict(cfg: Config) -> dict:

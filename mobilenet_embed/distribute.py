@@ -195,3 +195,61 @@ def same_on_all_workers(strategy: tf.distribute.Strategy, value: int, what: str)
     if low != high:
         raise UserError(f"workers disagree on {what} ({low:g} vs {high:g}): is the run directory on a "
                         "filesystem that every worker sees?")
+
+
+# --------------------------------------------------------------------------- row-sharded variables
+
+
+def row_shards(strategy: tf.distribute.Strategy) -> int:
+    """How many replicas can each hold their own rows of a variable (`shard_rows_variable`): the
+    replica count under `tf.distribute.MirroredStrategy` (one process, its devices), else 1 (one
+    device; `MultiWorkerMirroredStrategy`, whose chief alone could not write every worker's rows)."""
+    if isinstance(strategy, tf.distribute.MirroredStrategy) and strategy.num_replicas_in_sync > 1:
+        return int(strategy.num_replicas_in_sync)
+    return 1
+
+
+def _components(variable) -> tuple:
+    """The per-replica tf.Variables of a (Keras-wrapped) mirrored variable, in replica order."""
+    inner = getattr(variable, "value", variable)
+    return tuple(inner.values)
+
+
+def shard_rows(full: tf.Tensor, per: int, num_shards: int) -> list:
+    """`full` ``[N, ...]`` cut into `num_shards` pieces of `per` rows (zero rows pad the last ones)."""
+    full = tf.convert_to_tensor(full)
+    pad = per * num_shards - int(full.shape[0])
+    if pad:
+        full = tf.concat([full, tf.zeros([pad, *full.shape[1:]], full.dtype)], axis=0)
+    return [full[i * per:(i + 1) * per] for i in range(num_shards)]
+
+
+def assign_row_shards(variable, full: tf.Tensor) -> None:
+    """Put rows ``r * per .. (r + 1) * per - 1`` of `full` on replica r's copy of `variable`
+    (``per`` the variable's row count)."""
+    parts = _components(variable)
+    for component, rows in zip(parts, shard_rows(full, int(parts[0].shape[0]), len(parts))):
+        with tf.device(component.device):
+            component.assign(tf.cast(rows, component.dtype))
+
+
+def gather_row_shards(variable, rows: int) -> tf.Tensor:
+    """The first `rows` rows of the replicas' copies of `variable` stacked in replica order (on the CPU)."""
+    with tf.device("/cpu:0"):
+        return tf.concat([tf.identity(c.read_value()) for c in _components(variable)], axis=0)[:rows]
+
+
+def checkpoint_row_shards(variable, rows: int) -> None:
+    """Make a checkpoint of the Keras `variable` hold its replicas' rows as one ``[rows, ...]``
+    tensor (as a one-device variable is saved; a `MirroredVariable` would save replica 0's copy
+    alone) and a restore cut it into the replicas' rows again. The checkpoint is thus the same for
+    any replica count."""
+
+    def serialize():
+        return {"VARIABLE_VALUE": gather_row_shards(variable, rows)}
+
+    def restore(restored: dict):
+        assign_row_shards(variable, restored["VARIABLE_VALUE"])
+
+    variable._serialize_to_tensors = serialize  # the instance's, seen first by tf.train.Checkpoint
+    variable._restore_from_tensors = restore

@@ -23,6 +23,12 @@ The input contract of every embedder is the preprocessed float image; quantised 
 models get their inputs quantised (and outputs dequantised and re-normalised) inside
 `TFLiteEmbedder.embed`. Preprocess to `embedder.image_size`, with `embedder.crop_fraction`
 when it is known (else the config's ``data.crop_fraction``).
+
+How images must be preprocessed is recorded inside every exported file
+(`mobilenet_embed.preprocessing_metadata`): `embedder.metadata` is that record (None for a file
+without one), `embedder.recorded` its ``data.*`` values (or a run config's, for a checkpoint)
+and `embedder.recorded_from` where they come from; `preprocessing_metadata.model_data_config`
+turns them into the data config `eval` and `export embeddings` read images with.
 """
 
 from __future__ import annotations
@@ -55,6 +61,8 @@ class Embedder(Protocol):
     image_size: int
     embedding_size: int
     crop_fraction: Optional[float]  # preprocessing the model expects, None when unknown
+    recorded: Optional[dict]  # data.* preprocessing values the model records (file metadata, run config)
+    recorded_from: Optional[str]  # where `recorded` comes from, for messages
 
     def embed(self, images: np.ndarray) -> np.ndarray:
         ...
@@ -87,6 +95,10 @@ class _BatchedEmbedder:
     embedding_size: int
     batch_size: int = 64
     crop_fraction: Optional[float] = None  # set by `load_embedder` when known
+    metadata: Optional[dict] = None  # the preprocessing record inside an exported file
+    recorded: Optional[dict] = None  # set by `load_embedder`: data.* values the model records
+    recorded_from: Optional[str] = None
+    notes: tuple = ()  # lines about user settings applied over the recorded ones
 
     def _embed_batch(self, batch: np.ndarray) -> np.ndarray:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -159,6 +171,9 @@ class SavedModelEmbedder(_BatchedEmbedder):
         if self._raw is not None and self._input_spec(self._raw).dtype != tf.uint8:
             self._raw = None
         self.batch_size = batch_size
+        from mobilenet_embed.preprocessing_metadata import read_saved_model_asset, read_saved_model_object
+
+        self.metadata = read_saved_model_object(self.loaded, self.path) or read_saved_model_asset(self.path)
 
     @staticmethod
     def _input_key(fn) -> str:
@@ -244,6 +259,10 @@ class TFLiteEmbedder(_BatchedEmbedder):
         self.output_quantization = tuple(self._out["quantization"])
         self.quantized = self.input_dtype in (np.int8, np.uint8)
         self._batch = None
+        from mobilenet_embed.preprocessing_metadata import read_tflite_metadata
+
+        with open(self.path, "rb") as fh:
+            self.metadata = read_tflite_metadata(fh.read(), self.path)
 
     def _resize(self, n: int) -> None:
         if self._batch == n:
@@ -316,12 +335,17 @@ def load_embedder(path: str, cfg: Optional["Config"] = None, num_threads: Option
                   batch_size: Optional[int] = None) -> Embedder:
     """The `Embedder` for `path`, chosen by what it is (see the module doc).
 
-    `cfg` matters only for checkpoints (weights-only files are built from `cfg.model`; a run
-    directory's own config wins); `num_threads` only for .tflite files (None: the runtime's
-    default). The embedder's `crop_fraction` is the one its images must be preprocessed with
-    when known (a run's config, or the export report beside an exported model), else None:
-    then use ``cfg.data.crop_fraction``. `image_size` is always known.
+    `cfg` matters for checkpoints (weights-only files are built from `cfg.model`; a run
+    directory's own config wins, with the user's ``--set`` keys applied over it, see
+    `checkpoints.config_for_checkpoint`); `num_threads` only for .tflite files (None: the
+    runtime's default). `recorded` / `recorded_from` / `notes` say which preprocessing the model
+    records (an exported file's metadata, a run's config) and which user settings changed it.
+    The embedder's `crop_fraction` is the one its images must be preprocessed with when known
+    (the metadata, a run's config, or for older exports the export report beside the file),
+    else None: then use ``cfg.data.crop_fraction``. `image_size` is always known.
     """
+    from mobilenet_embed.preprocessing_metadata import PREPROCESSING_KEYS, data_settings
+
     path = str(path)
     kwargs = {} if batch_size is None else {"batch_size": batch_size}
     if not os.path.exists(path):
@@ -329,14 +353,35 @@ def load_embedder(path: str, cfg: Optional["Config"] = None, num_threads: Option
     if path.endswith(".tflite") or is_saved_model(path):
         embedder = (TFLiteEmbedder(path, num_threads=num_threads, **kwargs) if path.endswith(".tflite")
                     else SavedModelEmbedder(path, **kwargs))
-        recorded = exported_preprocessing(path)
-        if recorded is not None and recorded["image_size"] == embedder.image_size:
+        if embedder.metadata is not None:
+            recorded = data_settings(embedder.metadata)
+            if recorded["image_size"] != embedder.image_size:
+                raise UserError(f"{path}: damaged preprocessing metadata (image_size {recorded['image_size']}, "
+                                f"the model's input is {embedder.image_size})")
+            embedder.recorded, embedder.recorded_from = recorded, f"the metadata inside {path}"
             embedder.crop_fraction = recorded["crop_fraction"]
+        else:
+            legacy = exported_preprocessing(path)
+            if legacy is not None and legacy["image_size"] == embedder.image_size:
+                embedder.crop_fraction = legacy["crop_fraction"]
         return embedder
-    from mobilenet_embed.checkpoints import load_checkpoint_model, run_config_path
+    from mobilenet_embed.checkpoints import config_for_checkpoint, load_checkpoint_model, run_config_path
+    from mobilenet_embed.config import given_settings
 
     model, used = load_checkpoint_model(path, cfg)
     embedder = KerasEmbedder(model, **kwargs)
-    if run_config_path(path) is not None:
+    embedder.path = path
+    found = run_config_path(path)
+    notes: list = []
+    wanted = config_for_checkpoint(cfg, path, notes) if found is not None else cfg
+    if (cfg is not None and "data.image_size" in given_settings(cfg)["set"]
+            and wanted.data.image_size != embedder.image_size):
+        raise UserError(f"--set data.image_size={wanted.data.image_size}: {path} is a whole Keras model with a "
+                        f"fixed {embedder.image_size}x{embedder.image_size} input; use a training checkpoint "
+                        "(a run directory) to run it at another size")
+    if found is not None:
         embedder.crop_fraction = used.data.crop_fraction
+        embedder.recorded = {k: getattr(wanted.data, k) for k in PREPROCESSING_KEYS}
+        embedder.recorded["image_size"] = embedder.image_size
+        embedder.recorded_from, embedder.notes = f"the checkpoint's run ({found})", tuple(notes)
     return embedder

@@ -2,6 +2,8 @@
 
 `export_embeddings` writes ``embeddings.npy`` (float32 [N, D], row i = image i) and ``index.csv``
 (row, path, identity), in chunks that a rerun after a crash reuses (``<out>/.chunks/``).
+Images are preprocessed as the model records (`preprocessing_metadata.model_data_config`), and
+with ``align=True`` raw photos are aligned on the fly first (`align.inference.aligned_batches`).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import numpy as np
 from mobilenet_embed import atomic
 from mobilenet_embed.embedders import Embedder, is_saved_model, load_embedder
 from mobilenet_embed.errors import UserError
+from mobilenet_embed.out_folder import check_out_folder
 
 if TYPE_CHECKING:
     from mobilenet_embed.config import Config, DataConfig
@@ -44,6 +47,7 @@ class EmbeddingsExport:
     reused_chunks: int
     seconds: float
     skipped: list = field(default_factory=list)  # unreadable files left out
+    align: Optional[dict] = None  # on-the-fly alignment: counts of the images embedded by this run
 
 
 def data_config_for(data: str, base: "DataConfig", image_size: int) -> "DataConfig":
@@ -84,16 +88,17 @@ class _Source:
     skipped: list
 
 
-def _read_source(cfg: "Config", checkpoint: str, data_dir: str, embedder: Embedder) -> _Source:
-    """Index `data_dir` as the model's run preprocessed its images; too many unreadable is an error."""
+def _read_source(cfg: "Config", checkpoint: str, data_dir: str, embedder: Embedder,
+                 log=lambda line: None) -> _Source:
+    """Index `data_dir` as the model's run preprocessed its images (`model_data_config`; a run's
+    other data keys, with the user's ``--set`` applied); too many unreadable is an error."""
     from mobilenet_embed.checkpoints import config_for_checkpoint
     from mobilenet_embed.data import inspect_data
+    from mobilenet_embed.preprocessing_metadata import model_data_config
 
     exported = str(checkpoint).endswith(".tflite") or is_saved_model(str(checkpoint))
     run_cfg = cfg if exported else config_for_checkpoint(cfg, checkpoint)
-    data_cfg = data_config_for(str(data_dir), run_cfg.data, embedder.image_size)
-    if embedder.crop_fraction is not None:
-        data_cfg = dataclasses.replace(data_cfg, crop_fraction=embedder.crop_fraction)
+    data_cfg = data_config_for(str(data_dir), model_data_config(run_cfg, embedder, log), embedder.image_size)
     index, report = inspect_data(data_cfg, check=True)
     paths = [str(p) for p in index.paths]
     if not paths:
@@ -139,8 +144,9 @@ def _write_chunk(path: str, embeddings: np.ndarray) -> None:
 
 
 def _embed_chunks(embedder: Embedder, data_cfg: "DataConfig", paths: list, chunk_paths: list,
-                  chunk_size: int, progress: bool) -> int:
-    """Embed and save every chunk not finished yet; returns how many were reused."""
+                  chunk_size: int, progress: bool, batches=None) -> int:
+    """Embed and save every chunk not finished yet; returns how many were reused. `batches`:
+    paths -> preprocessed batches (default: `images_dataset`)."""
     from tqdm import tqdm
 
     from mobilenet_embed.data import images_dataset
@@ -156,7 +162,9 @@ def _embed_chunks(embedder: Embedder, data_cfg: "DataConfig", paths: list, chunk
                 continue
             chunk = paths[k * chunk_size:(k + 1) * chunk_size]
             parts = []
-            for batch in images_dataset(data_cfg, chunk, embedder.batch_size, check=False).as_numpy_iterator():
+            source = (batches(chunk) if batches is not None else
+                      images_dataset(data_cfg, chunk, embedder.batch_size, check=False).as_numpy_iterator())
+            for batch in source:
                 parts.append(embedder.embed(batch))
                 bar.update(len(batch))
             embeddings = np.concatenate(parts) if parts else np.zeros((0, embedder.embedding_size))
@@ -195,7 +203,8 @@ def _write_index_csv(path: str, paths: list, names: list) -> None:
 
 def export_embeddings(cfg: "Config", checkpoint: str, data_dir: str, out: str, force: bool = False,
                       chunk_size: int = 1024, batch_size: Optional[int] = None,
-                      num_threads: Optional[int] = None, progress: bool = True) -> EmbeddingsExport:
+                      num_threads: Optional[int] = None, progress: bool = True, align: bool = False,
+                      log=lambda line: None) -> EmbeddingsExport:
     """Embed every image of `data_dir` with the model at `checkpoint` into the folder `out`.
 
     Writes ``embeddings.npy`` (float32 [N, D], row i = image i) and ``index.csv`` (row, path,
@@ -203,12 +212,18 @@ def export_embeddings(cfg: "Config", checkpoint: str, data_dir: str, out: str, f
     SavedModel, .tflite). Work is done in chunks of `chunk_size` images, each saved as
     ``out/.chunks/chunk-NNNNN.npy`` when finished; a rerun after a crash or Ctrl-C reuses the
     finished chunks (same images, model and chunk size, recorded in ``.chunks/manifest.json``),
-    so rows are neither lost nor duplicated. Existing final files need `force`.
+    so rows are neither lost nor duplicated. Existing final files need `force`. Images are
+    preprocessed as the model records (notes and the source go to `log`); `align`: `data_dir`
+    holds raw photos, aligned on the fly to the model's ``data.align_template`` (no face:
+    centre-cropped and counted in the result's `align`).
     """
+    from mobilenet_embed.align.inference import align_summary, aligned_source
+
     if chunk_size < 1:
         raise UserError(f"--chunk-size: expected an integer >= 1, received {chunk_size}")
     start = time.perf_counter()
     out = str(out)
+    check_out_folder(out)
     emb_path, index_path = os.path.join(out, EMBEDDINGS_NAME), os.path.join(out, INDEX_NAME)
     chunk_dir = os.path.join(out, CHUNKS_DIR)
     finishing = os.path.isfile(os.path.join(chunk_dir, MANIFEST_NAME))  # an unfinished run of ours
@@ -218,18 +233,28 @@ def export_embeddings(cfg: "Config", checkpoint: str, data_dir: str, out: str, f
                         "pass --force to replace")
 
     embedder = load_embedder(checkpoint, cfg, num_threads=num_threads, batch_size=batch_size)
-    source = _read_source(cfg, checkpoint, data_dir, embedder)
+    source = _read_source(cfg, checkpoint, data_dir, embedder, log)
+    if align and source.data_cfg.source != "folder":
+        raise UserError(f"--align: needs a folder of photos as --data, received {data_dir} "
+                        f"({source.data_cfg.source} source)")
+    # files were checked by _read_source (unreadable ones are left out already): no second check
+    batches, counts = aligned_source(source.data_cfg, align, embedder.batch_size, log, check=False)
     n = len(source.paths)
-    _start_chunks(chunk_dir, {
+    manifest = {
         "n_images": n, "chunk_size": int(chunk_size),
         "paths_sha1": hashlib.sha1("\n".join(source.paths).encode()).hexdigest(),
         "model": os.path.abspath(str(checkpoint)), "embedding_size": embedder.embedding_size,
-        "image_size": embedder.image_size, "crop_fraction": source.data_cfg.crop_fraction}, force)
+        "image_size": embedder.image_size, "crop_fraction": source.data_cfg.crop_fraction}
+    if align:
+        manifest["align"] = [source.data_cfg.align_template, source.data_cfg.align_size, source.data_cfg.align_select]
+    _start_chunks(chunk_dir, manifest, force)
     n_chunks = (n + chunk_size - 1) // chunk_size
     chunk_paths = [os.path.join(chunk_dir, f"chunk-{k:05d}.npy") for k in range(n_chunks)]
-    reused = _embed_chunks(embedder, source.data_cfg, source.paths, chunk_paths, chunk_size, progress)
+    reused = _embed_chunks(embedder, source.data_cfg, source.paths, chunk_paths, chunk_size, progress, batches)
     _assemble(chunk_paths, emb_path, embedder.embedding_size, n, chunk_size)
     _write_index_csv(index_path, source.paths, source.names)
     shutil.rmtree(chunk_dir, ignore_errors=True)
     return EmbeddingsExport(emb_path, index_path, n, embedder.embedding_size, n_chunks, reused,
-                            time.perf_counter() - start, source.skipped)
+                            time.perf_counter() - start, source.skipped,
+                            None if counts is None else align_summary(source.data_cfg, counts))
+

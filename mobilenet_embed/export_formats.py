@@ -13,6 +13,13 @@
   (batch dimension dynamic); for int8 the input is ``round(x / scale + zero_point)``. A model
   that would need Flex (TF Select) ops is refused with the ops named.
 
+Both carry the model's preprocessing record (image size, crop, alignment, normalisation,
+embedding size, distance, mbembed version; `mobilenet_embed.preprocessing_metadata`): the
+SavedModel as a variable collection ``mbembed_preprocessing`` and as
+``assets.extra/mbembed_preprocessing.json``, each .tflite file as the ``mbembed_preprocessing``
+entry of its flatbuffer metadata (copied from the SavedModel it is converted from). A file
+copied away alone still says how to feed it (`mbembed eval --model FILE` reads it).
+
 `FORMATS` (`mobilenet_embed.config.EXPORT_FORMATS`) is the one list of format names (the config's
 ``export.formats`` choices and ``mbembed export --format``); `FILENAMES` their names under an
 output directory.
@@ -60,16 +67,24 @@ def check_formats(formats: Sequence[str]) -> list[str]:
 
 
 def export_saved_model(model: "keras.Model", path: str, image_size: Optional[int] = None,
-                       crop_fraction: float = 1.0) -> str:
+                       crop_fraction: float = 1.0, metadata: Optional[dict] = None) -> str:
     """Write `model` as a SavedModel at `path` with two signatures (see the module doc):
     ``serving_default`` on raw uint8 images [N, H, W, 3] (any H, W), preprocessed in the graph
     by `preprocess_images(images, image_size, crop_fraction)`, and ``embed_preprocessed`` on
     float32 [N, S, S, 3]. Both return ``{"embeddings": [N, D]}``. Returns `path`.
+
+    `metadata` (`preprocessing_metadata.build_metadata`, e.g. with the alignment and distance
+    of the run) is stored inside; its image size and crop are always those of the graph. None:
+    a record of `image_size` and `crop_fraction`, not aligned.
     """
+    import json
+
     import keras
     import tensorflow as tf
 
+    from mobilenet_embed.config import DataConfig
     from mobilenet_embed.data import preprocess_images
+    from mobilenet_embed.preprocessing_metadata import METADATA_NAME, build_metadata, write_saved_model_asset
 
     size = int(model.input_shape[1])
     if image_size is not None and int(image_size) != size:
@@ -87,7 +102,13 @@ def export_saved_model(model: "keras.Model", path: str, image_size: Optional[int
         tf.TensorSpec([None, None, None, 3], tf.uint8, name="images")])
     archive.add_endpoint(PREPROCESSED_SIGNATURE, embed_preprocessed, input_signature=[
         tf.TensorSpec([None, size, size, 3], tf.float32, name="images")])
+    if metadata is None:
+        metadata = build_metadata(DataConfig(), int(model.output_shape[-1]))
+    metadata = {**metadata, "image_size": size, "crop_fraction": float(crop_fraction)}
+    archive.add_variable_collection(METADATA_NAME, [tf.Variable(json.dumps(metadata), trainable=False,
+                                                                name=METADATA_NAME)])
     archive.write_out(str(path), verbose=False)
+    write_saved_model_asset(str(path), metadata)
     return str(path)
 
 
@@ -120,9 +141,12 @@ def export_tflite(saved_model_dir: str, path: str, kind: str,
     `kind`: ``float32``; ``float16`` (weights stored as float16); ``int8`` (full-integer
     post-training quantisation with int8 input and output, calibrated on
     `representative_images`, preprocessed float32 [N, S, S, 3]). Raises `UserError` naming the
-    ops when the model needs Flex ops, which devices do not have. Returns `path`.
+    ops when the model needs Flex ops, which devices do not have. The SavedModel's preprocessing
+    record (``assets.extra``), when it has one, goes into the file's metadata. Returns `path`.
     """
     import tensorflow as tf
+
+    from mobilenet_embed.preprocessing_metadata import add_tflite_metadata, read_saved_model_asset
 
     kind = TFLITE_KINDS.get(kind, kind)
     if kind not in ("float32", "float16", "int8"):
@@ -162,6 +186,9 @@ def export_tflite(saved_model_dir: str, path: str, kind: str,
         lines = [ln.strip() for ln in message.splitlines() if "error" in ln.lower()]
         raise UserError(f"tflite {kind}: {saved_model_dir}: conversion failed: "
                         f"{(lines or [message.strip()])[-1][:500]}") from None
+    metadata = read_saved_model_asset(str(saved_model_dir))
+    if metadata is not None:
+        flatbuffer = add_tflite_metadata(flatbuffer, metadata)
     return atomic.write_bytes(str(path), flatbuffer)
 
 

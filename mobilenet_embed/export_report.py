@@ -193,15 +193,18 @@ class ExportReport:
 
     def parity_warnings(self) -> list[str]:
         """One line per format that misses its parity target: ``Warning: ...`` when it was kept
-        anyway (``allow_degraded``), ``Error: ...`` when it was not written."""
+        anyway (``allow_degraded``), ``Not written: ...`` when it was left out. Not ``Error:``:
+        the export ran as asked and its result missed a target (`mbembed export` exits 1), which
+        is no input error (exit 2)."""
         lines = []
         for row in self.formats:
             if row.passed:
                 continue
             value = row.cosine_min if row.target["statistic"] == "min" else row.cosine_mean
-            what = "kept anyway (--allow-degraded)" if row.kept else "not written (--allow-degraded keeps it)"
-            lines.append(f"{'Warning' if row.kept else 'Error'}: {row.format} misses its parity target: "
-                         f"cosine {row.target['statistic']} {value:.6f} < {row.target['value']:g}; {what}")
+            miss = (f"{row.format} misses its parity target: cosine {row.target['statistic']} "
+                    f"{value:.6f} < {row.target['value']:g}")
+            lines.append(f"Warning: {miss}; kept anyway (--allow-degraded)" if row.kept else
+                         f"Not written: {miss} (--allow-degraded keeps it)")
         return lines
 
     def table(self) -> str:
@@ -234,6 +237,11 @@ class ExportReport:
         lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
         lines.append("latency: batch 1, median; 'thr' = TFLite interpreter threads, 'TF' = TensorFlow's "
                      "default thread pools (Keras tf.function, SavedModel)")
+        if self.pairs and self.pairs.get("skipped_pairs"):
+            from mobilenet_embed.pairs import skipped_pairs_text
+
+            lines.append(f"accuracy: {self.pairs['n_pairs']} pairs of {self.pairs['file']}; skipped "
+                         f"{skipped_pairs_text(self.pairs['skipped_pairs'], self.pairs['root'])}")
         return "\n".join(lines)
 
 
@@ -243,19 +251,27 @@ VERIFICATION_KEYS = ("accuracy", "accuracy_std", "threshold", "val", "val_std", 
 
 
 def verify_pairs(embedders: dict[str, Embedder], cfg: "Config", pairs_file: str,
-                  root: Optional[str]) -> tuple[dict, dict[str, dict]]:
+                  root: Optional[str], log: Callable[[str], None] = lambda line: None
+                  ) -> tuple[dict, dict[str, dict]]:
     """Verification metrics of every embedder on a pairs file, through
-    `mobilenet_embed.verification.evaluate_pairs` (the code path of `mbembed eval`)."""
+    `mobilenet_embed.verification.evaluate_pairs` (the code path of `mbembed eval`); pairs naming
+    an unreadable image are skipped, listed in the returned info (``skipped_pairs``). The folds
+    used are those `mbembed eval` uses (`evaluate.pairs_folds_for`: the config's
+    ``eval.pairs_folds`` only for its own ``eval.pairs`` file or when set with ``--set``)."""
+    from mobilenet_embed.evaluate import pairs_folds_for
     from mobilenet_embed.verification import evaluate_pairs
-    from mobilenet_embed.pairs import read_pairs
+    from mobilenet_embed.pairs import drop_unreadable_pairs, read_pairs
 
     root = root or cfg.eval.data or cfg.data.path
     if not root:
         raise UserError(f"--pairs {pairs_file}: the image root is unknown; set eval.data "
                         "(or data.path) or pass --pairs-root")
-    pairs = read_pairs(pairs_file, root, folds=cfg.eval.pairs_folds)
+    folds = pairs_folds_for(cfg, pairs_file, log)
+    pairs, skipped = drop_unreadable_pairs(read_pairs(pairs_file, root, folds=folds), root,
+                                           pairs_file, cache_dir=cfg.data.check_cache)
     if not pairs:
-        raise UserError(f"{pairs_file}: no pairs")
+        raise UserError(f"{pairs_file}: no pairs" + (f" with readable images ({len(skipped)} skipped)"
+                                                     if skipped else ""))
     data_cfg = dataclasses.replace(cfg.data, augment=False)
     results = {}
     for name, embedder in embedders.items():
@@ -263,7 +279,8 @@ def verify_pairs(embedders: dict[str, Embedder], cfg: "Config", pairs_file: str,
                                  flip=cfg.eval.flip, n_folds=cfg.eval.folds,
                                  far_target=cfg.eval.far_target, distance=cfg.eval.distance)
         results[name] = {k: metrics[k] for k in VERIFICATION_KEYS}
-    info = {"file": str(pairs_file), "root": str(root), "n_pairs": len(pairs),
+    info = {"file": str(pairs_file), "root": str(root), "pairs_folds": folds, "n_pairs": len(pairs),
+            "skipped_pairs": skipped,
             "distance": cfg.eval.distance, "flip": cfg.eval.flip, "folds": cfg.eval.folds}
     return info, results
 

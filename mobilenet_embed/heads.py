@@ -19,6 +19,12 @@ The row maximum and the sum of exponentials are reduced across replicas (an all-
 replica gets the same global loss ``L``; minimising ``L / R`` per replica (the train step's
 scaling) makes the gradient of each replica's centres exactly ``dL/dW_local`` and the summed
 gradient of the model exactly the one-device one (tested on two logical CPU devices to 1e-5).
+Storage: under `tf.distribute.MirroredStrategy` with R > 1 replicas each replica's copy of ``W``
+holds only its ``ceil(C / R)`` classes' rows (`mobilenet_embed.distribute.row_shards`), and so do
+the optimizer's slots of it (`MarginHead.track_optimizer_slots`); their gradients stay local.
+Checkpoints hold the whole matrix either way (`mobilenet_embed.distribute.checkpoint_row_shards`).
+Elsewhere (one device, `MultiWorkerMirroredStrategy`) ``W`` is one (mirrored) variable and each
+replica slices its classes out of it.
 ``sample_rate < 1`` keeps, per replica and step, the centres of the batch's identities plus a
 random (stateless, seeded by step and replica) subset of the others: ``max(ceil(rate * C_local),
 min(B, C_local))`` centres, so every positive is always kept.
@@ -163,11 +169,13 @@ def shard_bounds(num_classes: int, num_shards: int, shard) -> tuple:
 class MarginHead(tf.Module):
     """Class centres ``W`` (a float32 `keras.Variable`, ``[identities * k, D]``) and their loss.
 
-    Create it under the training strategy's scope (the centres are a distributed variable),
-    differentiate ``trainable_variables`` with the model's and put the head in the
-    `tf.train.Checkpoint` beside them; it is never part of the embedding model (so neither of
-    ``model.keras`` nor of any export). `loss` in a replica context with R > 1 computes the
-    logits of this replica's ``1/R`` of the classes only, on the all-gathered batch.
+    Create it under the training strategy's scope (the centres are a distributed variable; under
+    MirroredStrategy each replica stores only its shard: `sharded`), differentiate
+    ``trainable_variables`` with the model's, call `track_optimizer_slots` after building the
+    optimizer, and put the head in the `tf.train.Checkpoint` beside them; it is never part of the
+    embedding model (so neither of ``model.keras`` nor of any export). `loss` in a replica context
+    with R > 1 computes the logits of this replica's ``1/R`` of the classes only, on the
+    all-gathered batch. `set_centres` / `full_centres` take and give the whole matrix.
     """
 
     name_: str = ""
@@ -185,13 +193,60 @@ class MarginHead(tf.Module):
         self.sample_rate = float(sample_rate)
         self.seed = int(seed)
         self.step = step
+        from mobilenet_embed import distribute
+
         init = keras.initializers.RandomNormal(stddev=0.01, seed=seed)
-        self.centres = keras.Variable(init, shape=(self.num_classes * self.subcenters, self.embedding_size),
-                                      dtype="float32", trainable=True, name="class_centres")
+        rows = self.num_classes * self.subcenters
+        self.num_shards = distribute.row_shards(tf.distribute.get_strategy())
+        if self.num_shards == 1:
+            self.centres = keras.Variable(init, shape=(rows, self.embedding_size), dtype="float32", trainable=True,
+                                          name="class_centres")
+            return
+        # each replica's copy holds its own ceil(C / R) classes' rows (the last one zero-padded)
+        per = -(-self.num_classes // self.num_shards) * self.subcenters
+        self.centres = keras.Variable("zeros", shape=(per, self.embedding_size), dtype="float32", trainable=True,
+                                      name="class_centres")
+        with tf.device("/cpu:0"):
+            self.set_centres(init(shape=(rows, self.embedding_size), dtype="float32"))
+        distribute.checkpoint_row_shards(self.centres, rows)
 
     @property
     def trainable_variables(self):
         return (self.centres,)
+
+    @property
+    def sharded(self) -> bool:
+        """Whether each replica stores only its shard of the centres (its gradient is then not all-reduced)."""
+        return self.num_shards > 1
+
+    def set_centres(self, full) -> None:
+        """Assign the whole ``[identities * k, D]`` matrix (each replica takes its rows when sharded)."""
+        from mobilenet_embed import distribute
+
+        if self.sharded:
+            distribute.assign_row_shards(self.centres, full)
+        else:
+            self.centres.assign(full)
+
+    def full_centres(self) -> tf.Tensor:
+        """The whole ``[identities * k, D]`` matrix (gathered from the replicas when sharded)."""
+        from mobilenet_embed import distribute
+
+        if self.sharded:
+            return distribute.gather_row_shards(self.centres, self.num_classes * self.subcenters)
+        return tf.convert_to_tensor(self.centres.value)
+
+    def track_optimizer_slots(self, optimizer) -> None:
+        """Checkpoint the optimizer's per-centre slots (moments...) whole as well, when sharded:
+        call after ``optimizer.build``. Slots are the optimizer variables named after the centres."""
+        from mobilenet_embed import distribute
+
+        if not self.sharded:
+            return
+        prefix = self.centres.path.replace("/", "_") + "_"
+        for var in optimizer.variables:
+            if var.path.split("/")[-1].startswith(prefix) and tuple(var.shape) == tuple(self.centres.shape):
+                distribute.checkpoint_row_shards(var, self.num_classes * self.subcenters)
 
     def target(self, cos: tf.Tensor) -> tf.Tensor:  # pragma: no cover - each head defines it
         raise NotImplementedError
@@ -200,10 +255,16 @@ class MarginHead(tf.Module):
         """The float32 loss of (global) labels and embeddings; sharded across replicas when there are several."""
         ctx = tf.distribute.get_replica_context()
         replicas = ctx.num_replicas_in_sync if ctx is not None else 1
+        if self.sharded and replicas != self.num_shards:
+            raise ValueError(f"{self.name}: the centres are sharded over {self.num_shards} replicas; call the head "
+                             "inside strategy.run (each replica scores its shard), or full_centres() for all of them")
         w = self.centres.value if hasattr(self.centres, "value") else self.centres
         replica = ctx.replica_id_in_sync_group if replicas > 1 else 0
         start, count = shard_bounds(self.num_classes, replicas, replica)
-        if replicas > 1:
+        if self.sharded:
+            if self.num_classes % replicas:  # the last shards' zero padding
+                w = w[:count * self.subcenters]
+        elif replicas > 1:
             w = w[start * self.subcenters:(start + count) * self.subcenters]
         key = None
         if self.sample_rate < 1.0:

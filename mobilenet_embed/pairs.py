@@ -16,22 +16,34 @@ In the LFW formats ``name n`` means ``<root>/name/name_000n.<ext>`` (n zero-padd
 4 digits). Fields are separated by any whitespace; blank lines are skipped; line
 numbers in errors count every physical line from 1.
 
-Pure Python + NumPy, no TensorFlow.
+Names in LFW files are identity folders directly under the image root: ``..``, ``.``, a name with
+a path separator or an absolute path is refused (``<file>:<line>: ...``); a relative path of the
+mbembed format must stay under the root (absolute paths are taken as written).
+
+Unreadable images (`readable_identity_folders`, `drop_unreadable_pairs`) are found by the decode
+check of ``mbembed data check``, so pairs are never drawn from them and a pair naming one is
+skipped and counted rather than stopping an evaluation.
+
+Pure Python + NumPy at import; the two functions above call the data check (TensorFlow) when used.
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import os
 import re
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import numpy as np
 
 from mobilenet_embed import atomic
 from mobilenet_embed.errors import UserError
 from mobilenet_embed.image_files import IMAGE_EXTENSIONS, scan_folder
+
+if TYPE_CHECKING:
+    from mobilenet_embed.config import DataConfig
 
 #: first line of the mbembed pairs format
 MBEMBED_HEADER = "# mbembed pairs v1"
@@ -178,18 +190,17 @@ def read_pairs(
     if folds is not None and kind != "view2":
         raise UserError(f"{pairs_file}: fold selection {list(folds)} needs an LFW View 2 file (header 'n_folds n_per_fold')")
 
-    if kind == "mbembed":
-        pairs = _read_mbembed(pairs_file, root, body)
-    else:
-        pairs = _read_lfw(pairs_file, root, ext, kind, n_folds, n_per_fold, body)
-
+    wanted: Optional[set[int]] = None
     if folds is not None:
-        wanted = []
         for f in folds:
             if not isinstance(f, (int, np.integer)) or not 1 <= f <= n_folds:
                 raise UserError(f"{pairs_file}: fold {f} does not exist; the file holds folds 1 to {n_folds}")
-            wanted.append(int(f))
-        pairs = [p for p in pairs if p.fold in set(wanted)]
+        wanted = {int(f) for f in folds}
+
+    if kind == "mbembed":
+        pairs = _read_mbembed(pairs_file, root, body)
+    else:  # only the wanted folds' images need to exist
+        pairs = _read_lfw(pairs_file, root, ext, kind, n_folds, n_per_fold, body, wanted)
     if kind == "view1" or (folds is not None and len(set(folds)) < n_folds):
         pairs = interleave_same_different(pairs)
     return pairs
@@ -211,7 +222,25 @@ def interleave_same_different(pairs: Sequence[Pair]) -> list[Pair]:
     return out + longer[min(len(same), len(diff)):]
 
 
-def _read_lfw(pairs_file, root, ext, kind, n_folds, n_per_fold, body) -> list[Pair]:
+def _check_lfw_name(pairs_file: str, line: int, name: str, root: str) -> None:
+    """An LFW name is one identity folder directly under `root`: never ``..``, a path or absolute."""
+    if name in (".", "..") or "/" in name or "\\" in name or os.path.isabs(name):
+        raise UserError(f"{pairs_file}:{line}: '{name}' is not an identity folder name: names in an LFW "
+                        f"pairs file are folders directly under the image root {root} (paths are refused)")
+
+
+def _under_root(pairs_file: str, line: int, rel: str, root: str) -> str:
+    """`rel` joined to `root`; a relative path that climbs out of `root` (``../x``) is refused."""
+    if os.path.isabs(rel):
+        return rel
+    normal = os.path.normpath(rel)
+    if normal == os.pardir or normal.startswith(os.pardir + os.sep):
+        raise UserError(f"{pairs_file}:{line}: '{rel}' lies outside the image root {root}; relative paths "
+                        "must stay under it (write an absolute path to use an image elsewhere)")
+    return os.path.join(root, rel)
+
+
+def _read_lfw(pairs_file, root, ext, kind, n_folds, n_per_fold, body, wanted=None) -> list[Pair]:
     expected = 2 * n_folds * n_per_fold
     if len(body) != expected:
         promise = f"'{n_folds} {n_per_fold}'" if kind == "view2" else f"'{n_per_fold}'"
@@ -240,6 +269,11 @@ def _read_lfw(pairs_file, root, ext, kind, n_folds, n_per_fold, body) -> list[Pa
         if parsed is None:
             raise UserError(f"{pairs_file}:{line}: " + _MALFORMED.format(text.strip()))
         name_a, n_a, name_b, n_b, issame = parsed
+        for name in (name_a, name_b):
+            _check_lfw_name(pairs_file, line, name, root)
+        fold = k // (2 * n_per_fold) + 1 if kind == "view2" else None
+        if wanted is not None and fold not in wanted:
+            continue
         paths = []
         for name, n in ((name_a, n_a), (name_b, n_b)):
             path = resolve(name, n, line)
@@ -247,7 +281,6 @@ def _read_lfw(pairs_file, root, ext, kind, n_folds, n_per_fold, body) -> list[Pa
                 shown = os.path.join(root, name, f"{name}_{n:04d}") + (ext or ".*")
                 missing.append((line, shown))
             paths.append(path or "")
-        fold = k // (2 * n_per_fold) + 1 if kind == "view2" else None
         pairs.append(Pair(paths[0], paths[1], issame, line, fold))
     _raise_missing(pairs_file, missing)
     return pairs
@@ -267,7 +300,7 @@ def _read_mbembed(pairs_file, root, body) -> list[Pair]:
             )
         paths = []
         for rel in fields[:2]:
-            path = rel if os.path.isabs(rel) else os.path.join(root, rel)
+            path = _under_root(pairs_file, line, rel, root)
             if not os.path.isfile(path):
                 missing.append((line, path))
             paths.append(path)
@@ -299,6 +332,77 @@ def identity_folders(root: str) -> dict[str, list[str]]:
         raise UserError(f"{root}: image folder not found")
     files, _, _ = scan_folder(root)
     return files
+
+
+# --------------------------------------------------------------------------- unreadable images
+
+
+def _shown(path: str, root: str) -> str:
+    rel = os.path.relpath(path, root) if root else path
+    return path if rel.startswith(os.pardir) else rel
+
+
+def _listed(paths: Sequence[str], root: str, limit: int = 3) -> str:
+    shown = ", ".join(_shown(p, root) for p in paths[:limit])
+    return shown + (f" and {len(paths) - limit} more" if len(paths) > limit else "")
+
+
+def skipped_pairs_text(skipped: Sequence[dict], root: str) -> str:
+    """``1 pair: unreadable image x.jpg (truncated JPEG)`` (the reason when one image is named)."""
+    images = list(dict.fromkeys(s["image"] for s in skipped))
+    reason = f" ({skipped[0]['reason']})" if len(images) == 1 else ""
+    return (f"{len(skipped)} pair{'s' if len(skipped) != 1 else ''}: unreadable "
+            f"image{'s' if len(images) != 1 else ''} {_listed(images, root)}{reason}")
+
+
+def left_out_text(left_out: Sequence[tuple[str, str]], root: str) -> str:
+    """``2 unreadable images: a.jpg, b.jpg (mbembed data check lists them)``."""
+    return (f"{len(left_out)} unreadable image{'s' if len(left_out) != 1 else ''}: "
+            f"{_listed([p for p, _ in left_out], root)} (mbembed data check lists them)")
+
+
+def readable_identity_folders(data_cfg: "DataConfig", root: str
+                              ) -> tuple[dict[str, list[str]], list[tuple[str, str]]]:
+    """``{identity: [readable image paths]}`` of the identity folder `root` and its unreadable
+    images ``[(path, reason)]``, found by the scan and decode check of ``mbembed data check``
+    (`mobilenet_embed.data.inspect_data`, with the check cache of `data_cfg`); every
+    identity kept, the training filters (identity lists, minimum images) not applied."""
+    from mobilenet_embed.data import inspect_data
+
+    data_cfg = dataclasses.replace(data_cfg, source="folder", path=root, identities_file=None,
+                                   exclude_identities_file=None, identities_folds=None,
+                                   min_images_per_identity=1)
+    index, report = inspect_data(data_cfg, check=True)
+    return index.identity_to_paths(), list(report.bad_files)
+
+
+def drop_unreadable_pairs(pairs: Sequence[Pair], root: str, pairs_file: str, strict: bool = False,
+                          cache_dir: Optional[str] = None) -> tuple[list[Pair], list[dict]]:
+    """The pairs whose two images decode, and ``[{"line", "image", "reason"}]`` for the others.
+
+    Images are checked as ``mbembed data check`` checks them (`decode.check_files`, cached in
+    `cache_dir`). With `strict`, a pair naming an unreadable image is a `UserError` naming the
+    pairs file, its line and the image instead.
+    """
+    from mobilenet_embed.data.decode import check_files
+
+    paths = list(dict.fromkeys(p for pair in pairs for p in (pair.path_a, pair.path_b)))
+    results = check_files(paths, cache_dir, root=root).results if paths else {}
+    bad = {p: r.reason for p, r in results.items() if not r.ok}
+    kept: list[Pair] = []
+    skipped: list[dict] = []
+    for pair in pairs:
+        image = next((p for p in (pair.path_a, pair.path_b) if p in bad), None)
+        if image is None:
+            kept.append(pair)
+        else:
+            skipped.append({"line": pair.line, "image": image, "reason": bad[image]})
+    if skipped and strict:
+        first, more = skipped[0], len(skipped) - 1
+        raise UserError(f"{pairs_file}:{first['line']}: unreadable image {first['image']} ({first['reason']})"
+                        + (f"; {more} more pair{'s' if more != 1 else ''} name unreadable images" if more else "")
+                        + " (--strict-pairs refuses such pairs; without it they are skipped and counted)")
+    return kept, skipped
 
 
 def _check_pair_counts(ids: dict[str, list[str]], names: list[str], multi: list[str], n_pairs: int,
@@ -344,6 +448,17 @@ def _draw_distinct(draw, n_pairs: int, seen: set, what: str) -> list[tuple[str, 
     return drawn
 
 
+def _different_drawer(ids: dict[str, list[str]], names: list[str], rng: np.random.Generator):
+    """A ``draw()`` of one different-person pair: two identities uniformly, then one image of each."""
+
+    def draw() -> tuple[str, str]:
+        a, b = rng.choice(len(names), size=2, replace=False)
+        paths_a, paths_b = ids[names[a]], ids[names[b]]
+        return paths_a[int(rng.integers(len(paths_a)))], paths_b[int(rng.integers(len(paths_b)))]
+
+    return draw
+
+
 def _fold_layout(same: list[tuple[str, str]], diff: list[tuple[str, str]], n_folds: int) -> list[Pair]:
     """LFW View 2 order: per fold its share of same pairs, then as many different pairs."""
     per_fold = len(same) // n_folds
@@ -384,13 +499,8 @@ def make_pairs(
         i, j = rng.choice(len(paths), size=2, replace=False)
         return paths[i], paths[j]
 
-    def draw_diff() -> tuple[str, str]:
-        a, b = rng.choice(len(names), size=2, replace=False)
-        paths_a, paths_b = ids[names[a]], ids[names[b]]
-        return paths_a[int(rng.integers(len(paths_a)))], paths_b[int(rng.integers(len(paths_b)))]
-
     same = _draw_distinct(draw_same, n_pairs, seen, "same-person")
-    diff = _draw_distinct(draw_diff, n_pairs, seen, "different-person")
+    diff = _draw_distinct(_different_drawer(ids, names, rng), n_pairs, seen, "different-person")
     return _fold_layout(same, diff, n_folds)
 
 
@@ -496,3 +606,43 @@ def write_pair_distances_csv(
                 [k, pair.line, pair.path_a, pair.path_b, repr(float(d)), int(pair.issame),
                  int(predicted), int(predicted == pair.issame)]
             )
+
+
+# --------------------------------------------------------------------------- held-out sets
+
+
+def exhaustive_pairs(
+    identity_to_paths: dict[str, list[str]],
+    max_same_per_identity: int = 100,
+    n_folds: int = 10,
+    seed: int = 0,
+) -> list[Pair]:
+    """Every same-person pair of each identity (at most `max_same_per_identity` of them, drawn
+    seeded where an identity has more) and as many different-person pairs, in View 2 folds.
+
+    A larger verification set than View 2's 600 pairs a fold, for a standard error under one
+    point: on LFW's fold-10 people (609 people, 181 with 2+ images) the cap of 100 gives about
+    4,000 pairs. The cap keeps one prolific person (George W. Bush: 530 images, 140,185 pairs)
+    from being the whole test. Different pairs: two distinct identities uniformly, then one image
+    of each, no pair twice. The same count is trimmed to a multiple of `n_folds`.
+    """
+    ids = {name: sorted(set(paths)) for name, paths in identity_to_paths.items() if paths}
+    names = sorted(ids)
+    rng = np.random.default_rng(seed)
+    same: list[tuple[str, str]] = []
+    for name in names:
+        paths = ids[name]
+        every = [(paths[i], paths[j]) for i in range(len(paths)) for j in range(i + 1, len(paths))]
+        if len(every) > max_same_per_identity:
+            keep = np.sort(rng.choice(len(every), size=max_same_per_identity, replace=False))
+            every = [every[k] for k in keep]
+        same.extend(every)
+    n_pairs = len(same) - len(same) % n_folds
+    if n_pairs < n_folds:
+        raise UserError(f"exhaustive_pairs: {len(same)} same-person pairs, fewer than the {n_folds} folds")
+    same = [same[k] for k in rng.permutation(len(same))[:n_pairs]]
+    multi = [name for name in names if len(ids[name]) >= 2]
+    _check_pair_counts(ids, names, multi, n_pairs, n_folds)
+    seen = {(min(a, b), max(a, b)) for a, b in same}
+    diff = _draw_distinct(_different_drawer(ids, names, rng), n_pairs, seen, "different-person")
+    return _fold_layout(same, diff, n_folds)

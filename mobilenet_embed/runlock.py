@@ -6,7 +6,9 @@
 The file (``RUN_DIR/.lock``, JSON) is created with O_CREAT | O_EXCL, so of two processes that
 start together exactly one gets it. A lock left by a process that died (same host, pid no longer
 running) is taken over, and said so; a lock of another host cannot be checked and is refused.
-The lock is removed on exit, on exceptions too.
+The lock is removed on exit, on exceptions too, and with it the folder when the lock created it
+and nothing else was written there (a command that failed early leaves no empty folder). `train`
+locks its run directory, `export` and `export embeddings` their --out folder.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import socket
 import time
 from typing import Callable, Iterator, Optional
 
+from mobilenet_embed import atomic
 from mobilenet_embed.errors import UserError
 
 LOCK_NAME = ".lock"
@@ -64,17 +67,23 @@ class RunLock:
         self.path = os.path.join(run_dir, LOCK_NAME)
         self.log = log or (lambda _text: None)
         self.info: Optional[dict] = None
+        self.created_dir = False  # whether acquire made `run_dir` (removed on release when left empty)
 
     def _try_create(self) -> bool:
         info = {"pid": os.getpid(), "host": socket.gethostname(),
                 "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
-        try:
-            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            return False
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(info, fh)
-            fh.write("\n")
+        with atomic.writing(self.path):  # a read-only or full folder: one line naming the lock file
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                return False
+            try:
+                with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                    json.dump(info, fh)
+                    fh.write("\n")
+            except OSError:
+                os.unlink(self.path)
+                raise
         self.info = info
         return True
 
@@ -99,7 +108,12 @@ class RunLock:
 
     def acquire(self) -> "RunLock":
         """Take the lock or raise `UserError` naming its holder."""
-        os.makedirs(self.run_dir, exist_ok=True)
+        if os.path.lexists(self.run_dir) and not os.path.isdir(self.run_dir):
+            raise UserError(f"{self.run_dir}: exists and is not a folder")
+        if not os.path.isdir(self.run_dir):
+            with atomic.writing(self.run_dir), contextlib.suppress(FileExistsError):
+                os.makedirs(self.run_dir)
+                self.created_dir = True
         for attempt in range(5):
             if self._try_create():
                 return self
@@ -125,13 +139,17 @@ class RunLock:
         raise UserError(f"{self.run_dir}: cannot take the lock {self.path} (it keeps changing)")
 
     def release(self) -> None:
-        """Remove the lock file if it is still ours."""
+        """Remove the lock file if it is still ours (and the folder, if the lock made it and it is
+        empty now)."""
         if self.info is None:
             return
         if _read(self.path) == self.info:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.path)
         self.info = None
+        if self.created_dir:
+            with contextlib.suppress(OSError):
+                os.rmdir(self.run_dir)  # only when empty
 
     def __enter__(self) -> "RunLock":
         return self.acquire()

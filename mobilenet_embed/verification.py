@@ -14,7 +14,7 @@ decoded, preprocessed batch, so every image is decoded once.
 from __future__ import annotations
 
 import weakref
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional, Sequence, Union
 
 import numpy as np
 
@@ -59,12 +59,14 @@ def _embed_fn(model_or_fn: ModelOrFn) -> Callable[[Any], np.ndarray]:
 
 
 def embed_paths(model_or_fn: ModelOrFn, data_cfg: "DataConfig", paths: Sequence[str], batch_size: int = 64,
-                flip: bool = False) -> np.ndarray:
+                flip: bool = False, batches: Optional[Callable[[list], Iterable[np.ndarray]]] = None
+                ) -> np.ndarray:
     """Embeddings ``[len(paths), D]`` of the images at `paths` (each distinct path embedded once).
 
     `model_or_fn`: a Keras embedding model, an object with ``embed(images)`` (see
     `mobilenet_embed.embedders`), or any callable on preprocessed float32 ``[B, S, S, 3]``
-    batches returning ``[B, D]``.
+    batches returning ``[B, D]``. `batches`: paths -> preprocessed batches in their order, in
+    place of `images_dataset` (e.g. `align.inference.aligned_batches` for raw photos).
     """
     from mobilenet_embed.data import flip_images, images_dataset
 
@@ -78,7 +80,8 @@ def embed_paths(model_or_fn: ModelOrFn, data_cfg: "DataConfig", paths: Sequence[
     chunks = []
     try:
         # check=False: each image is read and decoded exactly once (no separate check pass)
-        for batch in images_dataset(data_cfg, unique, batch_size, check=False):
+        source = batches(unique) if batches is not None else images_dataset(data_cfg, unique, batch_size, check=False)
+        for batch in source:
             out = run(batch)
             if flip:
                 # the mirror of a preprocessed image is the preprocessed mirror image (the central
@@ -115,15 +118,17 @@ def pair_distances(emb_by_path: dict, pairs: Iterable["Pair"], distance: str = "
 
 def evaluate_pairs(model_or_fn: ModelOrFn, data_cfg: "DataConfig", pairs: Sequence["Pair"], batch_size: int = 64,
                    flip: bool = False, n_folds: int = 10, far_target: float = 1e-3,
-                   distance: str = "squared-L2") -> dict:
-    """`verification_metrics` of `pairs` embedded by `model_or_fn` (plus ``distances``, ``issame``)."""
+                   distance: str = "squared-L2", batches: Optional[Callable[[list], Iterable[np.ndarray]]] = None
+                   ) -> dict:
+    """`verification_metrics` of `pairs` embedded by `model_or_fn` (plus ``distances``, ``issame``);
+    `batches` as in `embed_paths`."""
     from mobilenet_embed.metrics import verification_metrics
 
     pairs = list(pairs)
     if not pairs:
         raise UserError("no pairs to evaluate")
     paths = list(dict.fromkeys([p.path_a for p in pairs] + [p.path_b for p in pairs]))
-    emb = embed_paths(model_or_fn, data_cfg, paths, batch_size, flip=flip)
+    emb = embed_paths(model_or_fn, data_cfg, paths, batch_size, flip=flip, batches=batches)
     emb_by_path = dict(zip(paths, emb))
     distances = pair_distances(emb_by_path, pairs, distance)
     issame = np.array([bool(p.issame) for p in pairs])

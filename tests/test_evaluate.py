@@ -143,13 +143,73 @@ def test_flip_embedding_equals_mean_with_the_mirrored_file(faces, keras_model, t
     np.testing.assert_allclose(flipped, expected, atol=1e-5)
 
 
-def test_unreadable_image_in_pairs_is_named(faces, keras_model, tmp_path):
+def _copy_with_a_broken_image(faces, tmp_path):
     import shutil
     root = tmp_path / "faces"
     shutil.copytree(faces, root)
     (root / "Person_2" / "Person_2_0001.jpg").write_bytes(b"not a jpeg at all")
+    return root
+
+
+def test_pair_naming_an_unreadable_image_is_skipped_and_counted(faces, keras_model, tmp_path):
+    root = _copy_with_a_broken_image(faces, tmp_path)
     pairs = tmp_path / "pairs.txt"
-    pairs.write_text("1 1\nPerson_2\t1\t2\nPerson_0\t1\tPerson_1\t1\n")
-    with pytest.raises(UserError, match="Person_2_0001.jpg: unreadable image"):
-        evaluate(load_config(None, ["eval.folds=2"]), model=keras_model, pairs_root=str(root), pairs=str(pairs),
-                 out_dir=str(tmp_path / "o"))
+    pairs.write_text("3\nPerson_2\t1\t2\nPerson_0\t1\t2\nPerson_1\t1\t2\n"
+                     "Person_0\t1\tPerson_1\t1\nPerson_3\t1\tPerson_4\t1\nPerson_5\t1\tPerson_6\t1\n")
+    cfg = load_config(None, ["eval.folds=2"])
+    result = evaluate(cfg, model=keras_model, pairs_root=str(root), pairs=str(pairs), out_dir=str(tmp_path / "o"))
+    assert result.n_pairs == 5
+    assert result.skipped_pairs == [{"line": 2, "image": str(root / "Person_2" / "Person_2_0001.jpg"),
+                                     "reason": result.skipped_pairs[0]["reason"]}]
+    assert "\nskipped        1 pair: unreadable image Person_2/Person_2_0001.jpg (not an image" in result.table()
+    metrics = json.loads((tmp_path / "o" / "metrics.json").read_text())
+    assert metrics["n_pairs"] == 5 and metrics["n_skipped_pairs"] == 1
+    assert metrics["skipped_pairs"][0]["line"] == 2
+    with pytest.raises(UserError, match=f"{pairs}:2: unreadable image .*Person_2_0001.jpg .*--strict-pairs"):
+        evaluate(cfg, model=keras_model, pairs_root=str(root), pairs=str(pairs), out_dir=str(tmp_path / "s"),
+                 strict_pairs=True)
+    assert not (tmp_path / "s").exists()  # a failed eval leaves no --out folder it created
+
+
+def test_make_pairs_leaves_out_unreadable_images(faces, keras_model, tmp_path):
+    """--make-pairs draws only images that pass the decode check (as training and data check see them)."""
+    root = _copy_with_a_broken_image(faces, tmp_path)
+    out = tmp_path / "ev"
+    result = cli("eval", "--model", keras_model, "--pairs-root", str(root), "--make-pairs", "24", "--out", str(out),
+                 "--set", "eval.folds=2")
+    assert result.exit_code == 0, result.output
+    assert ("\nnot drawn      1 unreadable image: Person_2/Person_2_0001.jpg (mbembed data check lists them)"
+            in result.output)
+    assert "Person_2\t1\t" not in (out / "pairs.txt").read_text()
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [m["image"] for m in metrics["unreadable_images_not_drawn"]] == [str(root / "Person_2" / "Person_2_0001.jpg")]
+    # few pairs: the table says VAL@FAR cannot be measured rather than printing VAL 1.0000 @ FAR 1.0000
+    assert "VAL@FAR=0.001  n/a: too few pairs (needs >= 1,000 different pairs, has 24)" in result.output
+
+
+def test_eval_out_must_be_a_folder_and_a_failed_eval_leaves_none(faces, keras_model, tmp_path):
+    a_file = tmp_path / "results.txt"
+    a_file.write_text("mine")
+    result = cli("eval", "--model", keras_model, "--pairs-root", faces, "--make-pairs", "10", "--out", str(a_file))
+    assert result.exit_code == 2 and result.output.count("Error:") == 1, result.output
+    assert f"Error: --out {a_file}: is a file; give a folder" in result.output and a_file.read_text() == "mine"
+    out = tmp_path / "new" / "eval"
+    result = cli("eval", "--model", str(tmp_path / "missing.tflite"), "--pairs-root", faces, "--make-pairs", "10",
+                 "--out", str(out))
+    assert result.exit_code == 2, result.output
+    assert not (tmp_path / "new").exists()
+    result = cli("eval", "--model", keras_model, "--pairs-root", faces, "--make-pairs", "10", "--strict-pairs",
+                 "--out", str(out))
+    assert result.exit_code == 2 and "--strict-pairs applies to a pairs file" in result.output
+    assert not (tmp_path / "new").exists()
+
+
+def test_a_garbage_keras_file_is_named_as_such_not_as_missing(faces, tmp_path):
+    """Keras reports 'File not found' for a file that exists but is no zip archive."""
+    bad = tmp_path / "model.keras"
+    bad.write_bytes(b"not a zip archive")
+    result = cli("eval", "--model", str(bad), "--pairs-root", str(faces), "--make-pairs", "2",
+                 "--set", "eval.folds=2", "--out", str(tmp_path / "out"))
+    assert result.exit_code == 2, result.output
+    assert "not a .keras model: a .keras file is a zip archive" in result.output
+    assert "File not found" not in result.output and result.output.count("Error:") == 1

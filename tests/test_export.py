@@ -149,22 +149,61 @@ def test_flex_op_is_refused_with_its_name(tmp_path):
 # --------------------------------------------------------------------------- --force, atomicity
 
 
-def test_existing_outputs_need_force(tmp_path, cfg, checkpoint):
+def _snapshot(folder):
+    return {name: (folder / name).read_bytes() for name in sorted(os.listdir(folder))
+            if (folder / name).is_file()}
+
+
+def test_force_replaces_the_export_folder_whole(tmp_path, cfg, checkpoint, monkeypatch):
     out = tmp_path / "out"
-    export_model(cfg, checkpoint, str(out), formats=["tflite_float32"], latency_runs=1)
-    before = (out / FILENAMES["tflite_float32"]).stat().st_mtime_ns
-    with pytest.raises(UserError, match=r"model_float32\.tflite, export_report\.json.*--force"):
+    export_model(cfg, checkpoint, str(out), formats=["tflite_float32", "tflite_float16"], latency_runs=1)
+    before = _snapshot(out)
+    assert sorted(before) == ["export_report.json", "model_float16.tflite", "model_float32.tflite"]
+    with pytest.raises(UserError, match=r"would overwrite model_float32\.tflite, model_float16\.tflite, "
+                                        r"export_report\.json; pass --force"):
         export_model(cfg, checkpoint, str(out), formats=["tflite_float32"], latency_runs=1)
-    assert (out / FILENAMES["tflite_float32"]).stat().st_mtime_ns == before
-    # a SavedModel directory is replaced as a whole
-    export_model(cfg, checkpoint, str(out), formats=["saved_model"], force=True, latency_runs=1)
-    (out / "saved_model" / "stale.txt").write_text("old")
-    report = export_model(cfg, checkpoint, str(out), formats=["saved_model", "tflite_float32"],
-                          force=True, latency_runs=1)
+    assert _snapshot(out) == before
+
+    # a failure in the middle of a --force export leaves the earlier export whole, no scratch left
+
+    def fail_after_the_saved_model(saved_model_dir, path, kind, representative_images=None):
+        with open(path, "wb") as fh:
+            fh.write(b"partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(export_mod, "export_tflite", fail_after_the_saved_model)
+    with pytest.raises(KeyboardInterrupt):
+        export_model(cfg, checkpoint, str(out), formats=["tflite_float32", "tflite_float16"], force=True,
+                     latency_runs=1)
+    assert _snapshot(out) == before
+    assert sorted(os.listdir(tmp_path)) == ["out"]
+    monkeypatch.undo()
+
+    # --force with one format: only its file and the new report remain
+    report = export_model(cfg, checkpoint, str(out), formats=["tflite_float32"], force=True, latency_runs=1)
     assert report.passed
-    assert not (out / "saved_model" / "stale.txt").exists()
-    assert (out / FILENAMES["tflite_float32"]).stat().st_mtime_ns != before
-    assert sorted(os.listdir(out)) == ["export_report.json", "model_float32.tflite", "saved_model"]
+    assert sorted(os.listdir(out)) == ["export_report.json", "model_float32.tflite"]
+    assert [r["format"] for r in json.loads((out / REPORT_NAME).read_text())["formats"]] == ["tflite_float32"]
+    assert sorted(os.listdir(tmp_path)) == ["out"]
+
+
+def test_out_must_be_an_export_folder(tmp_path, cfg, checkpoint, monkeypatch):
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("mine")
+    with pytest.raises(UserError, match=r"--out .*notes\.txt: is a file; give a folder"):
+        export_model(cfg, checkpoint, str(a_file), formats=["tflite_float32"], force=True)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("seed: 1\n")
+    with pytest.raises(UserError, match=r"holds files that are not part of an export \(config\.yaml\)"):
+        export_model(cfg, checkpoint, str(run), formats=["tflite_float32"], force=True)
+    assert (run / "config.yaml").read_text() == "seed: 1\n" and a_file.read_text() == "mine"
+    monkeypatch.chdir(run)
+    with pytest.raises(UserError, match="is the current folder or holds it"):
+        export_model(cfg, checkpoint, str(tmp_path), formats=["tflite_float32"], force=True)
+    result = CliRunner().invoke(main, ["export", "--checkpoint", checkpoint, "--out", str(a_file)])
+    assert result.exit_code == 2 and result.output.count("Error:") == 1, result.output
+    assert "is a file" in result.output
 
 
 def test_crash_leaves_no_half_written_model(tmp_path, cfg, checkpoint, monkeypatch):
@@ -178,32 +217,54 @@ def test_crash_leaves_no_half_written_model(tmp_path, cfg, checkpoint, monkeypat
     monkeypatch.setattr(export_mod, "export_tflite", crash)
     with pytest.raises(KeyboardInterrupt):
         export_model(cfg, checkpoint, str(out), formats=["saved_model", "tflite_float32"], latency_runs=1)
-    assert os.listdir(out) == []  # nothing under a final name, temporary directory removed
+    assert os.listdir(tmp_path) == []  # no export folder, scratch folder removed
+
+
+def test_full_disk_at_the_savedmodel_is_one_line_and_leaves_nothing(small_disk, cfg, checkpoint):
+    mnt, _ = small_disk  # 640 KiB: the tiny model's SavedModel (~1 MB of variables) does not fit
+    with pytest.raises(UserError, match=r"saved_model: cannot write: No space left on device$"):
+        export_model(cfg, checkpoint, str(mnt / "out"), formats=["saved_model"], latency_runs=1)
+    assert os.listdir(mnt) == []  # scratch folder removed, no export folder
 
 
 def test_degraded_format_is_left_out_unless_allowed(tmp_path, cfg, checkpoint, monkeypatch):
     monkeypatch.setitem(export_report.TARGETS, "tflite_float16", ("min", 1.01))
     out = tmp_path / "out"
-    report = export_model(cfg, checkpoint, str(out), formats=["tflite_float32", "tflite_float16"],
-                          latency_runs=1)
+    report = export_model(cfg, checkpoint, str(out), formats=["tflite_float16"], latency_runs=1)
     assert not report.passed and report.degraded == ["tflite_float16"]
-    assert (out / FILENAMES["tflite_float32"]).exists()
-    assert not (out / FILENAMES["tflite_float16"]).exists()
+    assert os.listdir(out) == [REPORT_NAME]
     data = json.loads((out / REPORT_NAME).read_text())
-    assert data["degraded"] == ["tflite_float16"] and data["formats"][1]["kept"] is False
+    assert data["degraded"] == ["tflite_float16"] and data["formats"][0]["kept"] is False
+    [line] = report.parity_warnings()
+    assert line.startswith("Not written: tflite_float16 misses its parity target: cosine min")
 
-    result = CliRunner().invoke(main, ["export", *cli_sets(), "--checkpoint", checkpoint, "--out",
-                                       str(tmp_path / "cli"), "--format", "tflite_float16",
-                                       "--latency-runs", "1"])
-    assert result.exit_code == 1, result.output
-    assert "tflite_float16 misses its parity target" in result.output
-    assert not (tmp_path / "cli" / FILENAMES["tflite_float16"]).exists()
-    result = CliRunner().invoke(main, ["export", *cli_sets(), "--checkpoint", checkpoint, "--out",
-                                       str(tmp_path / "cli"), "--format", "tflite_float16", "--force",
-                                       "--allow-degraded", "--latency-runs", "1"])
-    assert result.exit_code == 0, result.output
-    assert "kept anyway" in result.output
-    assert (tmp_path / "cli" / FILENAMES["tflite_float16"]).exists()
+    report = export_model(cfg, checkpoint, str(out), formats=["tflite_float16"], force=True,
+                          allow_degraded=True, latency_runs=1)
+    assert report.degraded == ["tflite_float16"] and "kept anyway" in report.parity_warnings()[0]
+    assert sorted(os.listdir(out)) == ["export_report.json", "model_float16.tflite"]
+
+
+def test_cli_export_stderr_is_quiet_and_a_parity_miss_exits_1(tmp_path, checkpoint):
+    """A real process (native output goes to fd 2): no converter or interpreter chatter, no
+    TensorFlow warnings; a format below target gets a "Not written:" line (no "Error:") and exit 1."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from mobilenet_embed import export_report; "
+            "export_report.TARGETS['tflite_float16'] = ('min', 1.01); "
+            "from mobilenet_embed.cli import main; main()")
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    env["PYTHONPATH"] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-c", code, "export", *cli_sets(), "--checkpoint", checkpoint,
+                           "--out", str(out), "--format", "tflite_float16", "--format", "tflite_int8",
+                           "--latency-runs", "1"], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 1, proc.stderr
+    for chatter in ("fully_quantize", "XNNPACK", "WARNING:", "tensorflow", "INFO:", "Error:"):
+        assert chatter not in proc.stderr, proc.stderr
+    assert "Not written: tflite_float16 misses its parity target" in proc.stderr
+    assert "converting tflite_int8" in proc.stderr and "tflite_int8" in proc.stdout
+    assert sorted(os.listdir(out)) == ["export_report.json", "model_int8.tflite"]
 
 
 # --------------------------------------------------------------------------- CLI
@@ -254,15 +315,19 @@ def test_verification_accuracy_per_format_with_pairs(tmp_path, checkpoint):
         lines.append(f"{name}/{name}_0003.png\t{other}/{other}_0001.png\t0")
     pairs = tmp_path / "pairs.txt"
     pairs.write_text("\n".join(lines) + "\n")
-    cfg = load_config(None, OVERRIDES + ["data.source=folder", f"data.path={root}",
+    (root / "person_3" / "person_3_0003.png").write_bytes(b"not a png")  # named by the pair of line 9
+    cfg = load_config(None, OVERRIDES + ["data.source=folder", f"data.path={root}", "data.max_bad_fraction=0.1",
                                          "export.representative_samples=6", "export.parity_samples=4"])
     report = export_model(cfg, checkpoint, str(tmp_path / "out"), formats=["tflite_float32", "tflite_int8"],
                           pairs=str(pairs), latency_runs=1)
-    assert report.pairs["n_pairs"] == 8
+    assert report.pairs["n_pairs"] == 7  # the pair naming the unreadable image is skipped and counted
+    [skipped] = report.pairs["skipped_pairs"]
+    assert skipped["line"] == 9 and skipped["image"].endswith("person_3_0003.png")
     for row in [report.reference] + report.formats:
         assert 0.0 <= row.verification["accuracy"] <= 1.0
     assert report.formats[0].verification["accuracy"] == report.reference.verification["accuracy"]
     assert "accuracy" in report.table()
+    assert "skipped 1 pair: unreadable image person_3/person_3_0003.png (" in report.table()
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -393,3 +458,48 @@ def test_embeddings_of_a_folder_and_of_an_exported_tflite(tmp_path, exported, cf
 
     images = load_images(cfg.data, [r["path"] for r in rows])
     np.testing.assert_allclose(emb, reference.embed(images), atol=1e-4)
+
+
+def test_embeddings_export_out_file_and_non_utf8_names(tmp_path, checkpoint):
+    """--out naming a file is one Error: line; a file name that is not UTF-8 is an unreadable image,
+    counted and left out (no traceback)."""
+    from PIL import Image
+
+    root = tmp_path / "faces"
+    for name in ("a", "b"):
+        (root / name).mkdir(parents=True)
+        for j in range(3):
+            Image.new("RGB", (40, 40), (40 * j, 90, 20)).save(root / name / f"{j}.png")
+    with open(os.path.join(os.fsencode(root / "a"), b"\xff.png"), "wb") as fh:
+        fh.write((root / "a" / "0.png").read_bytes())
+    a_file = tmp_path / "taken"
+    a_file.write_text("x")
+    result = _run_embeddings(tmp_path, "taken", checkpoint)
+    assert result.exit_code == 2 and result.output.count("Error:") == 1, result.output
+    assert "--out " + str(a_file) + ": is a file" in result.output and a_file.read_text() == "x"
+
+    result = CliRunner().invoke(main, ["export", "embeddings", *cli_sets(["data.max_bad_fraction=0.5"]),
+                                       "--checkpoint", checkpoint, "--data", str(root), "--out",
+                                       str(tmp_path / "emb"), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert "1 unreadable image(s) left out" in result.output
+    assert np.load(tmp_path / "emb" / "embeddings.npy").shape == (6, 16)
+
+
+
+def test_quiet_native_hides_fd2_chatter_but_shows_it_on_failure(capfd):
+    import logging
+
+    from mobilenet_embed.quiet import quiet_native
+
+    level = logging.getLogger("tensorflow").level
+    with quiet_native() as captured:
+        os.write(2, b"fully_quantize: 0, inference_type: 6\n")
+        logging.getLogger("tensorflow").warning("a TensorFlow warning")
+    assert capfd.readouterr().err == "" and "fully_quantize" in captured[0]
+    with pytest.raises(RuntimeError):
+        with quiet_native():
+            os.write(2, b"converter: the reason it failed\n")
+            raise RuntimeError("conversion failed")
+    assert "converter: the reason it failed" in capfd.readouterr().err
+    assert logging.getLogger("tensorflow").level == level  # restored

@@ -256,3 +256,21 @@ def test_fold_selection_interleaves_same_and_different(lfw, tmp_path):
     assert [p.issame for p in one] == [True, False] * (len(one) // 2)
     # the full file keeps its order (each LFW fold is already balanced)
     assert [p.line for p in everything] == sorted(p.line for p in everything)
+
+
+@pytest.mark.parametrize("line", ["..\t1\t2", "Ann_A\t1\t..\t1", "/etc\t1\t2", "Ann_A/../..\t1\t2", ".\t1\t2"])
+def test_lfw_names_never_leave_the_root(lfw, tmp_path, line):
+    name = line.split("\t")[2] if line.count("\t") == 3 else line.split("\t")[0]
+    pf = write(tmp_path / "pairs.txt", f"1\n{line}\nAnn_A\t1\tBob_B\t1\n")
+    with pytest.raises(UserError, match=f"{pf}:2: '{name}' is not an identity folder name"):
+        read_pairs(pf, str(lfw))
+
+
+def test_mbembed_relative_paths_stay_under_the_root(lfw, tmp_path):
+    touch(tmp_path / "outside.jpg")
+    pf = write(tmp_path / "pairs.txt", f"{MBEMBED_HEADER}\nAnn_A/Ann_A_0001.jpg\t../outside.jpg\t0\n")
+    with pytest.raises(UserError, match=rf"{pf}:2: '\.\./outside\.jpg' lies outside the image root"):
+        read_pairs(pf, str(lfw))
+    # an absolute path is taken as written (write_pairs writes images outside the root that way)
+    pf = write(tmp_path / "abs.txt", f"{MBEMBED_HEADER}\nAnn_A/Ann_A_0001.jpg\t{tmp_path / 'outside.jpg'}\t0\n")
+    assert read_pairs(pf, str(lfw))[0].path_b == str(tmp_path / "outside.jpg")

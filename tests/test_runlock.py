@@ -113,3 +113,44 @@ def test_unreadable_lock_is_refused_with_what_to_do(tmp_path):
     (run_dir / LOCK_NAME).write_text("")
     with pytest.raises(UserError, match=r"unreadable: remove it if no run is using it"):
         RunLock(str(run_dir)).acquire()
+
+
+@pytest.mark.parametrize("command", [["export"], ["export", "embeddings", "--data", "synthetic"]])
+def test_second_export_into_one_folder_is_refused_naming_the_first(tmp_path, command):
+    from mobilenet_embed.cli import main
+
+    out = str(tmp_path / "out")
+    with RunLock(out):  # what a first export holds while it runs
+        result = CliRunner().invoke(main, [*command, "--checkpoint", str(tmp_path / "none"), "--out", out])
+    assert result.exit_code == 2
+    assert re.fullmatch(rf"Error: {re.escape(out)} is in use by pid {os.getpid()} on host "
+                        rf"{re.escape(socket.gethostname())} since \S+\n", result.output), result.output
+
+
+def test_export_takes_over_a_dead_exports_lock_and_releases_it(tmp_path):
+    from mobilenet_embed.cli import main
+
+    out = tmp_path / "out"
+    out.mkdir()
+    pid = _dead_pid()
+    (out / LOCK_NAME).write_text(json.dumps({"pid": pid, "host": socket.gethostname(), "started": "x"}))
+    result = CliRunner().invoke(main, ["export", "--checkpoint", str(tmp_path / "none"), "--out", str(out)])
+    assert result.exit_code == 2  # the checkpoint is missing: the export itself fails after the lock
+    assert f"note: {out}: took over the lock of pid {pid} on host" in result.output
+    assert f"Error: {tmp_path / 'none'}: checkpoint not found" in result.output
+    assert os.listdir(out) == []  # released; the folder existed before, so it stays
+
+
+def test_a_folder_the_lock_made_is_removed_when_left_empty(tmp_path):
+    out = tmp_path / "new" / "out"
+    with pytest.raises(UserError):
+        with RunLock(str(out)):
+            raise UserError("the command failed before writing anything")
+    assert not out.exists() and (tmp_path / "new").is_dir()
+    with RunLock(str(out)):
+        (out / "kept.txt").write_text("x")
+    assert os.listdir(out) == ["kept.txt"]
+    file = tmp_path / "file"
+    file.write_text("x")
+    with pytest.raises(UserError, match=rf"^{re.escape(str(file))}: exists and is not a folder$"):
+        RunLock(str(file)).acquire()

@@ -462,3 +462,78 @@ def test_one_held_out_identity_gets_the_right_advice(per_batch, advice):
         _validation_pairs(cfg, index, print)
     assert str(info.value) == ("data.val_identities: 1 held-out identity gives no different pairs for "
                                f"validation; {advice}")
+
+
+@pytest.mark.parametrize("text, what", [
+    ("train: [unclosed\n", "is not valid YAML (line"),
+    ("- a list\n- of things\n", "is a list, not a mapping of settings"),
+    ("", "is empty, not a mapping of settings"),
+])
+def test_corrupt_run_config_is_refused_before_anything_is_written(tmp_path, text, what):
+    """A resumable run whose config.yaml cannot be read is not overwritten (it guards the resume)."""
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    saved = run / "config.yaml"
+    saved.write_text(text)
+    result = CliRunner().invoke(main, ["train", *_sets(TINY), "--run-dir", str(run)])
+    assert result.exit_code == 2, result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and errors[0].startswith(f"Error: {saved}: the run's saved config {what}"), errors
+    assert "--fresh --force" in errors[0]
+    assert saved.read_text() == text  # untouched
+    assert sorted(os.listdir(run)) == ["checkpoints", "config.yaml"] and not os.listdir(run / "checkpoints")
+
+
+def _strings(data):
+    if isinstance(data, dict):
+        return [s for v in data.values() for s in _strings(v)]
+    if isinstance(data, list):
+        return [s for v in data for s in _strings(v)]
+    return [data] if isinstance(data, str) else []
+
+
+def test_summary_holds_relative_paths_and_a_moved_run_resumes(tmp_path):
+    from mobilenet_embed.checkpoints import load_checkpoint_model
+    from mobilenet_embed.train import train
+
+    first = tmp_path / "first"
+    result = train(_cfg("train.epochs=1"), run_dir=str(first), stream=io.StringIO())
+    assert os.path.isabs(result.paths["model"])  # the returned result keeps usable absolute paths
+    summary = json.loads((first / "summary.json").read_text())
+    assert summary["run_dir"] == "." and summary["paths"]["model"] == "model.keras"
+    assert summary["paths"]["best_checkpoint"].startswith("checkpoints" + os.sep)
+    assert not [s for s in _strings(summary) if os.path.isabs(s) or str(tmp_path) in s]
+
+    moved = tmp_path / "elsewhere" / "run"
+    moved.parent.mkdir()
+    os.rename(first, moved)
+    for key, rel in summary["paths"].items():
+        assert os.path.exists(moved / rel), key  # every recorded path resolves in the new place
+    model, _ = load_checkpoint_model(str(moved))  # what eval and export load
+    assert tuple(model(np.zeros((1, 32, 32, 3), np.float32)).shape) == (1, 16)
+    again = train(_cfg("train.epochs=2"), run_dir=str(moved), stream=io.StringIO())
+    assert again.resumed_from == 3 and again.steps == 6
+    summary = json.loads((moved / "summary.json").read_text())
+    assert not [s for s in _strings(summary) if os.path.isabs(s)]
+
+
+def test_sigterm_before_the_first_validation_does_not_say_validation_is_unset(tmp_path, monkeypatch):
+    """SIGTERM at step 1 of a run with held-out validation: the summary says validation is set up."""
+    from mobilenet_embed.train import train
+    from mobilenet_embed.training.step import TrainStep
+
+    original = TrainStep.__call__
+
+    def step_then_sigterm(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        signal.raise_signal(signal.SIGTERM)
+        return out
+
+    monkeypatch.setattr(TrainStep, "__call__", step_then_sigterm)
+    out = io.StringIO()
+    result = train(_cfg("train.epochs=1"), run_dir=str(tmp_path / "run"), stream=out)
+    assert result.interrupted and result.steps == 1
+    assert "SIGTERM: stopped at step 1; checkpoint written" in out.getvalue()
+    lines = result.summary_lines()
+    assert not any("set eval.pairs" in line for line in lines), lines
+    assert any(line.startswith("no validation yet (3 held-out identities") for line in lines), lines

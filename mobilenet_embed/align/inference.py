@@ -9,6 +9,10 @@ the one preprocessing function (`preprocess_images`: central `data.crop_fraction
 from raw photos. An image without a face cannot be left out of a pair: it is centre-cropped
 (`AlignSpec.center_crop` of the shorter side) and counted in `AlignCounts`.
 
+`aligned_source` is what `mbembed eval --align` and `export embeddings --align` call: the
+batch function for a model's data config (or an error when the model records no alignment), and
+`align_summary` what they report.
+
 Flip test-time augmentation: mirror each yielded batch (`mobilenet_embed.data.flip_images`)
 rather than asking twice, so each photo goes through the detector once.
 """
@@ -16,7 +20,7 @@ rather than asking twice, so each photo goes through the detector once.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterator, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 
@@ -75,3 +79,37 @@ def aligned_batches(data_cfg, paths: Sequence[str], batch_size: int = 64, detect
             counts.several_faces += int(r.faces > 1)
         crops = np.stack([r.image for r in results])
         yield preprocess_images(crops, data_cfg.image_size, data_cfg.crop_fraction).numpy()
+
+
+def aligned_source(data_cfg, align: bool, batch_size: int, log: Callable[[str], None], check: bool = True):
+    """(`batches` for `verification.embed_paths`, `AlignCounts`) aligning raw photos to the model's
+    template when `align` (files decode-checked first unless not `check`), else (None, None);
+    UserError when the model records no alignment."""
+    if not align:
+        if data_cfg.align_template:
+            log(f"note: the model expects faces aligned to {data_cfg.align_template} {data_cfg.align_size}: the "
+                "images are taken as aligned already (mbembed align); pass --align for raw photos")
+        return None, None
+    if not data_cfg.align_template:
+        raise UserError("--align: the model records no alignment (data.align_template: null); state the one "
+                        "its training faces had, e.g. --set data.align_template=arcface --set data.align_size=112")
+    from mobilenet_embed.align.detector import make_detector
+
+    counts, detector = AlignCounts(), make_detector()
+    return (lambda paths: aligned_batches(data_cfg, paths, batch_size, detector=detector, counts=counts,
+                                          check=check)), counts
+
+
+def align_summary(data_cfg, counts) -> dict:
+    """What on-the-fly alignment did, for a results file (first 100 images without a face)."""
+    return {"template": data_cfg.align_template, "size": int(data_cfg.align_size),
+            "select": data_cfg.align_select, "aligned": counts.aligned, "no_face": counts.no_face,
+            "no_face_handling": "center", "several_faces": counts.several_faces,
+            "no_face_paths": [str(p) for p in counts.no_face_paths[:100]]}
+
+
+def align_line(summary: dict) -> str:
+    """The one line `eval --align` and `export embeddings --align` print from `align_summary`."""
+    example = f", e.g. {summary['no_face_paths'][0]}" if summary["no_face_paths"] else ""
+    return (f"alignment ({summary['template']} {summary['size']}): aligned {summary['aligned']:,}, "
+            f"no face {summary['no_face']:,} (centre-cropped{example}), several faces {summary['several_faces']:,}")

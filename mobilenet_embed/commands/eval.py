@@ -9,6 +9,7 @@ import click
 from mobilenet_embed.commands.options import config_options
 from mobilenet_embed.config import Config
 from mobilenet_embed.errors import UserError
+from mobilenet_embed.out_folder import check_out_folder
 
 
 @click.command("eval")
@@ -25,9 +26,14 @@ from mobilenet_embed.errors import UserError
               help="Deprecated name of --pairs-root.")
 @click.option("--make-pairs", "make_pairs", default=None, type=click.IntRange(1), metavar="N",
               help="Draw N same and N different pairs from --pairs-root (seeded), write them as pairs.txt, evaluate.")
+@click.option("--strict-pairs", is_flag=True,
+              help="Refuse a pairs file that names an unreadable image (default: skip those pairs, counted).")
 @click.option("--out", "out_dir", default=None, metavar="DIR",
               help="Where metrics.json, roc.png and pair_distances.csv go (default: RUN_DIR/eval).")
 @click.option("--threads", default=None, type=click.IntRange(1), help="TFLite interpreter threads.")
+@click.option("--align", is_flag=True,
+              help="The images are raw photos: detect and align each face as `mbembed align` does, to the "
+                   "model's template (data.align_template / data.align_size); no face: centre-cropped, counted.")
 @click.option("--protocol", default="verification", show_default=True,
               type=click.Choice(("verification", "identification")),
               help="verification: pairs (LFW); identification: gallery search (rank-k, DIR@FPIR).")
@@ -40,8 +46,9 @@ from mobilenet_embed.errors import UserError
 @click.option("--gallery-mode", default=None, type=click.Choice(("images", "templates")),
               help="identification: keep each gallery image, or one averaged template per identity [images].")
 def eval_command(cfg: Config, checkpoint: Optional[str], model: Optional[str], pairs: Optional[str],
-                 pairs_root: Optional[str], old_data: Optional[str], make_pairs: Optional[int], out_dir: Optional[str],
-                 threads: Optional[int], protocol: str, id_protocol: Optional[str], make_id_protocol: bool,
+                 pairs_root: Optional[str], old_data: Optional[str], make_pairs: Optional[int], strict_pairs: bool,
+                 out_dir: Optional[str], threads: Optional[int], align: bool, protocol: str, id_protocol: Optional[str],
+                 make_id_protocol: bool,
                  gallery_per_identity: Optional[int], gallery_mode: Optional[str]) -> None:
     """Face verification by the LFW protocol: 10-fold accuracy, VAL@FAR, AUC, EER, ROC plot.
 
@@ -53,12 +60,15 @@ def eval_command(cfg: Config, checkpoint: Optional[str], model: Optional[str], p
             raise UserError("mbembed eval: give --pairs-root only (--data is its old name)")
         click.echo("note: mbembed eval --data is now --pairs-root (the old name still works for now)", err=True)
         pairs_root = old_data
+    if out_dir is not None:
+        check_out_folder(out_dir)
     id_options = {"--id-protocol": id_protocol, "--make-id-protocol": make_id_protocol,
                   "--gallery-per-identity": gallery_per_identity, "--gallery-mode": gallery_mode}
     if protocol == "identification":
         from mobilenet_embed.evaluate_identification import evaluate_identification
 
-        given = [k for k, v in (("--pairs", pairs), ("--make-pairs", make_pairs), ("--threads", threads)) if v]
+        given = [k for k, v in (("--pairs", pairs), ("--make-pairs", make_pairs), ("--threads", threads),
+                                ("--align", align), ("--strict-pairs", strict_pairs)) if v]
         if given:
             raise UserError(f"--protocol identification: {', '.join(given)} only apply to verification")
         if gallery_per_identity is not None and not make_id_protocol:
@@ -77,6 +87,7 @@ def eval_command(cfg: Config, checkpoint: Optional[str], model: Optional[str], p
     from mobilenet_embed.evaluate import evaluate
 
     result = evaluate(cfg, checkpoint=checkpoint, model=model, pairs=pairs, pairs_root=pairs_root, out_dir=out_dir,
-                      make_pairs=make_pairs, num_threads=threads, log=lambda line: click.echo(line, err=True))
+                      make_pairs=make_pairs, num_threads=threads, align=align, strict_pairs=strict_pairs,
+                      log=lambda line: click.echo(line, err=True))
     click.echo(result.table())
     click.echo(f"wrote {', '.join(result.files.values())}")

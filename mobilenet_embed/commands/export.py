@@ -4,7 +4,9 @@
     mbembed export embeddings --config F --checkpoint C --data DIR --out PATH
 
 `export` is a click group that runs the model export itself when no subcommand follows, so both
-spellings work. The options of `embeddings` go after the word `embeddings`.
+spellings work. The options of `embeddings` go after the word `embeddings`. Both hold the --out
+folder's lock (`mobilenet_embed.runlock`, as `train` holds its run directory's): a second export
+into the same folder stops with one line naming the first.
 """
 
 from __future__ import annotations
@@ -17,6 +19,15 @@ from mobilenet_embed.commands.options import config_file_option, config_options,
 from mobilenet_embed.config import Config, load_config
 from mobilenet_embed.errors import UserError
 from mobilenet_embed.export_formats import FORMATS
+from mobilenet_embed.out_folder import check_out_folder
+from mobilenet_embed.runlock import RunLock
+
+
+def _out_lock(out: str) -> RunLock:
+    """The --out folder's lock (after the check that --out is no file); its notes (a stale lock
+    taken over) go to stderr."""
+    check_out_folder(out)
+    return RunLock(out, log=lambda line: click.echo(line, err=True))
 
 
 @click.group("export", invoke_without_command=True)
@@ -25,10 +36,11 @@ from mobilenet_embed.export_formats import FORMATS
 @click.option("--checkpoint", default=None, metavar="PATH",
               help="Checkpoint file, checkpoint directory or run directory (its best checkpoint, "
                    "else its latest).")
-@click.option("--out", "out_dir", default=None, metavar="DIR", help="Output directory.")
+@click.option("--out", "out_dir", default=None, metavar="DIR",
+              help="Output folder: one export, replaced whole (new, empty or an earlier export).")
 @click.option("--format", "formats", multiple=True, type=click.Choice(FORMATS),
               help="Format to write (repeatable; default: export.formats of the config).")
-@click.option("--force", is_flag=True, help="Replace existing outputs.")
+@click.option("--force", is_flag=True, help="Replace an earlier export in --out (all of it).")
 @click.option("--allow-degraded", is_flag=True,
               help="Keep a format that misses its parity target (and exit 0).")
 @click.option("--pairs", default=None, metavar="FILE",
@@ -46,8 +58,10 @@ def export(ctx: click.Context, config_path: Optional[str], overrides: tuple[str,
 
     Writes the formats of export.formats (or --format) under --out, then export_report.json:
     size, cosine similarity to the Keras model on held-out images, latency (and with --pairs
-    verification accuracy) of each format. Exits 1 when a format misses its parity target
-    (that file is not written unless --allow-degraded).
+    verification accuracy) of each format. --out is one export, replaced whole (--force).
+
+    Exit codes: 0 done; 1 a format missed its parity target and was not written (a
+    "Not written:" line; --allow-degraded keeps it and exits 0); 2 an Error: line (bad input).
     """
     if ctx.invoked_subcommand is not None:
         given = [name for name, value in (("--config", config_path), ("--set", overrides),
@@ -65,9 +79,10 @@ def export(ctx: click.Context, config_path: Optional[str], overrides: tuple[str,
     from mobilenet_embed.export import export_model
 
     cfg = load_config(config_path, overrides)
-    report = export_model(cfg, checkpoint, out_dir, formats=list(formats) or None, force=force,
-                          allow_degraded=allow_degraded, pairs=pairs, pairs_root=pairs_root,
-                          latency_runs=latency_runs, log=lambda line: click.echo(line, err=True))
+    with _out_lock(out_dir):
+        report = export_model(cfg, checkpoint, out_dir, formats=list(formats) or None, force=force,
+                              allow_degraded=allow_degraded, pairs=pairs, pairs_root=pairs_root,
+                              latency_runs=latency_runs, log=lambda line: click.echo(line, err=True))
     click.echo(report.table())
     for line in report.input_notes():
         click.echo(line)
@@ -93,9 +108,12 @@ def export(ctx: click.Context, config_path: Optional[str], overrides: tuple[str,
               help="Images per inference batch (default: the model kind's).")
 @click.option("--threads", default=None, type=click.IntRange(1), help="TFLite interpreter threads.")
 @click.option("--progress/--no-progress", default=True, help="Show a progress bar.")
+@click.option("--align", is_flag=True,
+              help="--data holds raw photos: detect and align each face as `mbembed align` does, to the model's "
+                   "template (data.align_template / data.align_size); no face: centre-cropped, counted.")
 def export_embeddings_command(cfg: Config, checkpoint: str, data_dir: str, out: str, force: bool,
                               chunk_size: int, batch_size: Optional[int], threads: Optional[int],
-                              progress: bool) -> None:
+                              progress: bool, align: bool) -> None:
     """Embed every image of a folder: embeddings.npy (float32 [N, D]) + index.csv (row, path, identity).
 
     Resumable: a run that is killed continues where it stopped when run again (finished chunks
@@ -103,9 +121,14 @@ def export_embeddings_command(cfg: Config, checkpoint: str, data_dir: str, out: 
     """
     from mobilenet_embed.export_embeddings import export_embeddings
 
-    result = export_embeddings(cfg, checkpoint, data_dir, out, force=force, chunk_size=chunk_size,
-                               batch_size=batch_size, num_threads=threads,
-                               progress=progress)
+    with _out_lock(out):
+        result = export_embeddings(cfg, checkpoint, data_dir, out, force=force, chunk_size=chunk_size,
+                                   batch_size=batch_size, num_threads=threads,
+                                   progress=progress, align=align, log=lambda line: click.echo(line, err=True))
+    if result.align is not None:
+        from mobilenet_embed.align.inference import align_line
+
+        click.echo(align_line(result.align), err=True)
     if result.skipped:
         click.echo(f"Warning: {len(result.skipped)} unreadable image(s) left out, e.g. "
                    f"{result.skipped[0]}", err=True)

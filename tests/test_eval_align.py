@@ -1,0 +1,244 @@
+"""`--set` over a checkpoint's run config, `--pairs` vs eval.pairs_folds (issue 12 point 2), and
+`mbembed eval --align` / `export embeddings --align` on raw photos (issue 14 point 3).
+
+The run directory holds a config.yaml and a whole `model.keras` (32x32, 16-d). The raw photos are
+scikit-image's astronaut (public domain, one face), a rotated / scaled / shifted copy and a noise
+image without a face: 3 MTCNN calls per run (~0.3 s each).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import yaml
+from click.testing import CliRunner
+from PIL import Image
+
+from mobilenet_embed.cli import main
+from mobilenet_embed.config import config_to_dict, load_config
+from harness import random_images, tiny_model
+
+SIZE = 32
+RUN_SETS = [f"data.image_size={SIZE}", "model.alpha=0.25", "model.embedding_size=16", "data.crop_fraction=0.8",
+            "data.max_bad_fraction=0.01", "data.align_template=arcface", "data.align_size=64"]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("run")
+    (run / "config.yaml").write_text(yaml.safe_dump(config_to_dict(load_config(None, RUN_SETS))))
+    tiny_model(SIZE, embedding_size=16, seed=1).save(run / "model.keras")
+    return str(run)
+
+
+@pytest.fixture(scope="module")
+def faces(tmp_path_factory):
+    """6 identities x 3 coloured 40x48 JPEGs, and two LFW View 2 files of 2 folds x 4 pairs."""
+    root = tmp_path_factory.mktemp("faces")
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        name = f"Person_{i}"
+        os.makedirs(root / name)
+        base = rng.integers(0, 255, (1, 1, 3))
+        for j in range(3):
+            img = np.clip(base + rng.normal(0, 30, (40, 48, 3)), 0, 255).astype("uint8")
+            Image.fromarray(img).save(root / name / f"{name}_{j + 1:04d}.jpg")
+    for fname, offset in (("a.txt", 0), ("b.txt", 2)):
+        lines = ["2\t2"]
+        for fold in range(2):
+            a, b = (2 * fold + offset) % 6, (2 * fold + 1 + offset) % 6
+            lines += [f"Person_{a}\t1\t2", f"Person_{b}\t2\t3",
+                      f"Person_{a}\t1\tPerson_{b}\t1", f"Person_{b}\t3\tPerson_{a}\t2"]
+        (root / fname).write_text("\n".join(lines) + "\n")
+    return str(root)
+
+
+def _invoke(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def _eval(tmp_path, *args):
+    out = tmp_path / f"ev{len(os.listdir(tmp_path))}"
+    result = _invoke("eval", "--out", out, "--set", "eval.folds=2", *args)
+    metrics = json.loads((out / "metrics.json").read_text()) if result.exit_code == 0 else None
+    return result, metrics
+
+
+# --------------------------------------------------------------------------- --set vs the run's config
+
+
+def test_set_crop_overrides_the_checkpoints_run_config_with_a_note(run, faces, tmp_path):
+    pairs = os.path.join(faces, "a.txt")
+    result, metrics = _eval(tmp_path, "--checkpoint", run, "--pairs-root", faces, "--pairs", pairs)
+    assert result.exit_code == 0, result.output
+    assert metrics["crop_fraction"] == 0.8 and "note: --set" not in result.output
+    result, metrics = _eval(tmp_path, "--checkpoint", run, "--pairs-root", faces, "--pairs", pairs,
+                            "--set", "data.crop_fraction=0.6")
+    assert result.exit_code == 0, result.output
+    assert metrics["crop_fraction"] == 0.6
+    assert "note: --set data.crop_fraction=0.6 overrides 0.8 of the checkpoint's run (" in result.output
+
+
+def test_config_file_values_that_differ_from_the_run_are_reported(run, faces, tmp_path):
+    config = tmp_path / "other.yaml"
+    config.write_text("data:\n  crop_fraction: 0.5\n")
+    result, metrics = _eval(tmp_path, "--config", config, "--checkpoint", run, "--pairs-root", faces,
+                            "--pairs", os.path.join(faces, "a.txt"))
+    assert result.exit_code == 0, result.output
+    assert metrics["crop_fraction"] == 0.8
+    assert "note: data.crop_fraction: using 0.8 of the checkpoint's run" in result.output
+    assert "not the config file's 0.5 (--set data.crop_fraction=0.5 to override)" in result.output
+
+
+def test_set_model_key_or_size_of_a_whole_keras_model_is_refused(run, faces, tmp_path):
+    result, _ = _eval(tmp_path, "--checkpoint", run, "--make-pairs", "4", "--pairs-root", faces,
+                      "--set", "model.embedding_size=32")
+    assert result.exit_code == 2
+    assert "Error: --set model.embedding_size=32: the checkpoint's run" in result.output
+    assert "a trained model's architecture cannot change" in result.output
+    result, _ = _eval(tmp_path, "--checkpoint", run, "--make-pairs", "4", "--pairs-root", faces,
+                      "--set", "data.image_size=48")
+    assert result.exit_code == 2 and "fixed 32x32 input" in result.output
+
+
+def test_set_image_size_rebuilds_a_training_checkpoint_at_that_size(tmp_path):
+    import tensorflow as tf
+
+    from mobilenet_embed.checkpoints import CheckpointManager
+    from mobilenet_embed.embedders import load_embedder
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(yaml.safe_dump(config_to_dict(load_config(None, RUN_SETS))))
+    CheckpointManager(str(run / "checkpoints"), tf.train.Checkpoint(model=tiny_model(SIZE, embedding_size=16))).save(3)
+    embedder = load_embedder(str(run), load_config(None, ["data.image_size=48"]))
+    assert embedder.image_size == 48 and embedder.recorded["image_size"] == 48
+    assert embedder.notes == (f"note: --set data.image_size=48 overrides 32 of the checkpoint's run "
+                              f"({run / 'config.yaml'})",)
+    assert embedder.embed(random_images(2, 48)).shape == (2, 16)
+
+
+def test_export_embeddings_applies_set_max_bad_fraction(run, faces, tmp_path):
+    """Issue 12: `--set data.max_bad_fraction=0.05` was ignored for the run's 0.01."""
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(faces, data, ignore=shutil.ignore_patterns("*.txt"))
+    (data / "Person_0" / "Person_0_0001.jpg").write_bytes(b"not a jpeg")  # 1 of 18 unreadable
+    base = ["export", "embeddings", "--checkpoint", run, "--data", data, "--no-progress"]
+    result = _invoke(*base, "--out", tmp_path / "e1")
+    assert result.exit_code == 2 and "more than data.max_bad_fraction (0.01)" in result.output
+    result = _invoke(*base, "--out", tmp_path / "e2", "--set", "data.max_bad_fraction=0.1")
+    assert result.exit_code == 0, result.output
+    assert "note: --set data.max_bad_fraction=0.1 overrides 0.01 of the checkpoint's run" in result.output
+    assert np.load(tmp_path / "e2" / "embeddings.npy").shape == (17, 16)
+
+
+def test_export_applies_set_crop_and_records_it_in_the_files(run, tmp_path):
+    out = tmp_path / "exp"
+    result = _invoke("export", "--checkpoint", run, "--out", out, "--format", "saved_model", "--latency-runs", "1",
+                     "--set", "export.parity_samples=4", "--set", "data.synthetic_identities=4",
+                     "--set", "data.crop_fraction=0.6")
+    assert result.exit_code == 0, result.output
+    assert "note: --set data.crop_fraction=0.6 overrides 0.8 of the checkpoint's run" in result.output
+    meta = json.loads((out / "saved_model" / "assets.extra" / "mbembed_preprocessing.json").read_text())
+    assert meta["crop_fraction"] == 0.6 and meta["align"] == {"template": "arcface", "size": 64, "select": "center"}
+    assert "note: --set data.synthetic_identities=4 overrides" in result.output  # every key applied is said
+
+
+# --------------------------------------------------------------------------- --pairs vs eval.pairs_folds
+
+
+def test_pairs_file_given_does_not_inherit_the_configs_folds(run, faces, tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text(f"eval:\n  pairs: {os.path.join(faces, 'a.txt')}\n  pairs_folds: [2]\n")
+    common = ["--config", config, "--checkpoint", run, "--pairs-root", faces]
+    result, metrics = _eval(tmp_path, *common)  # the config's own file: its fold selection holds
+    assert result.exit_code == 0, result.output
+    assert metrics["n_pairs"] == 4 and f"a.txt, folds 2 (eval.pairs_folds): 4 pairs" in result.output
+    other = os.path.join(faces, "b.txt")
+    result, metrics = _eval(tmp_path, *common, "--pairs", other)
+    assert result.exit_code == 0, result.output
+    assert metrics["n_pairs"] == 8 and f"pairs: {other}, all folds: 8 pairs" in result.output
+    assert "note: eval.pairs_folds [2] selects folds of the config's eval.pairs" in result.output
+    result, metrics = _eval(tmp_path, *common, "--pairs", other, "--set", "eval.pairs_folds=[1]")
+    assert result.exit_code == 0, result.output
+    assert metrics["n_pairs"] == 4 and f"pairs: {other}, folds 1 (eval.pairs_folds): 4 pairs" in result.output
+
+
+# --------------------------------------------------------------------------- --align on raw photos
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    skimage_data = pytest.importorskip("skimage.data")
+    pytest.importorskip("mtcnn")
+    from mobilenet_embed.align.similarity import warp_affine
+
+    astro = skimage_data.astronaut()
+    a, s = np.deg2rad(15.0), 0.8
+    c = np.array([255.5, 255.5])
+    rot = s * np.array([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]])
+    moved = warp_affine(astro, np.concatenate([rot, (c + [30.0, 40.0] - rot @ c)[:, None]], axis=1), 512)
+    noise = np.random.default_rng(0).integers(0, 256, (256, 256, 3), dtype=np.uint8)
+    root = tmp_path_factory.mktemp("photos")
+    for name, image in (("Eileen_Collins", [astro, moved]), ("Noise", [noise])):
+        os.makedirs(root / name)
+        for j, im in enumerate(image):
+            Image.fromarray(im).save(root / name / f"{name}_{j + 1:04d}.png")
+    (root / "pairs.txt").write_text("1\nEileen_Collins\t1\t2\nEileen_Collins\t2\tNoise\t1\n")
+    return str(root)
+
+
+def test_eval_and_export_embeddings_align_raw_photos(run, photos, tmp_path):
+    from mobilenet_embed.align.alignment import AlignSpec, align_images, decode_file
+    from mobilenet_embed.data import preprocess_images
+    from mobilenet_embed.embedders import load_embedder
+
+    result, metrics = _eval(tmp_path, "--checkpoint", run, "--pairs-root", photos, "--pairs",
+                            os.path.join(photos, "pairs.txt"), "--align", "--set", "eval.flip=false")
+    assert result.exit_code == 0, result.output
+    align = metrics["align"]
+    assert (align["template"], align["size"], align["aligned"], align["no_face"]) == ("arcface", 64, 2, 1)
+    assert align["no_face_paths"][0].endswith("Noise_0001.png")
+    assert "alignment (arcface 64): aligned 2, no face 1 (centre-cropped, e.g. " in result.output
+
+    out = tmp_path / "emb"
+    result = _invoke("export", "embeddings", "--checkpoint", run, "--data", photos, "--out", out,
+                     "--no-progress", "--align")
+    assert result.exit_code == 0, result.output
+    assert "alignment (arcface 64): aligned 2, no face 1 (centre-cropped, e.g. " in result.output
+    emb = np.load(out / "embeddings.npy")
+    # row 0 is the astronaut aligned exactly as `mbembed align` would, then the run's crop 0.8
+    paths = [os.path.join(photos, "Eileen_Collins", "Eileen_Collins_0001.png")]
+    crop = align_images([decode_file(paths[0])], AlignSpec(size=64, template="arcface"))[0].image
+    expected = load_embedder(run).embed(preprocess_images(crop[None], SIZE, 0.8).numpy())
+    np.testing.assert_allclose(emb[0], expected[0], atol=1e-5)
+    # the aligned astronaut and its moved copy are closer than to the noise
+    assert np.dot(emb[0], emb[1]) > np.dot(emb[0], emb[2])
+
+
+def test_align_needs_a_template_in_the_models_record(faces, tmp_path):
+    model = tmp_path / "m.keras"
+    tiny_model(SIZE, embedding_size=16).save(model)
+    result, _ = _eval(tmp_path, "--model", model, "--pairs-root", faces, "--make-pairs", "4", "--align")
+    assert result.exit_code == 2
+    assert "Error: --align: the model records no alignment (data.align_template: null)" in result.output
+
+
+def test_export_pairs_file_does_not_inherit_the_configs_folds(run, faces, tmp_path):
+    """`mbembed export --pairs` selects folds as `mbembed eval` does (`pairs_folds_for`)."""
+    config = tmp_path / "c.yaml"
+    config.write_text(f"eval:\n  pairs: {os.path.join(faces, 'a.txt')}\n  pairs_folds: [2]\n  folds: 2\n")
+    other = os.path.join(faces, "b.txt")
+    out = tmp_path / "exp"
+    result = _invoke("export", "--config", config, "--checkpoint", run, "--out", out, "--format", "saved_model",
+                     "--latency-runs", "1", "--set", "export.parity_samples=4", "--pairs", other,
+                     "--pairs-root", faces)
+    assert result.exit_code == 0, result.output
+    assert "note: eval.pairs_folds [2] selects folds of the config's eval.pairs" in result.output
+    report = json.loads((out / "export_report.json").read_text())
+    assert report["pairs"]["n_pairs"] == 8 and report["pairs"]["pairs_folds"] is None, report["pairs"]
