@@ -8,13 +8,14 @@ own, measured with ``os.wait4``:
 - ``floor``: a bare Python loop that lists the folder (os.scandir) and reads every file's
   bytes: the least any stage that looks at every file can cost.
 - ``check_cold`` / ``check_warm``: `mbembed data check` with an empty check cache, then with the
-  cache it wrote.
+  cache it wrote; ``check_moved``: the same with the data folder moved to another parent folder
+  (a job on another machine with the data mounted elsewhere): the cache must still hit.
 - ``index``: the image index alone, built from the warm cache: bytes per image retained
   (tracemalloc, after the report is dropped), and P x K batches of the sampler alone (rows only,
   no decode), ms per batch.
 - ``prepare``: `mbembed prepare` into 16 shards.
-- ``tfrecord_check``: `mbembed data check` on those shards (their manifest says they were
-  checked when written).
+- ``tfrecord_check``: `mbembed data check` on those shards (trusted: manifest checksum, sizes and
+  counts); ``tfrecord_check_full``: the same with ``--full`` (every record decoded).
 - ``train_first_step``: seconds from starting `mbembed train` (warm cache, 32x32, alpha 0.25)
   to its first logged step; ``resume_first_step``: the same for the resumed run.
 - ``export_embeddings``: `mbembed export embeddings` of the whole folder.
@@ -134,6 +135,17 @@ def bench_size(name: str, n: int, root: str, env: dict, stages: set, work: str) 
     stage("floor", [sys.executable, "-c", FLOOR, folder])
     stage("check_cold", _mbembed("data", "check", *data))
     stage("check_warm", _mbembed("data", "check", *data))
+    if "check_moved" in stages:
+        moved_parent = os.path.join(work, f"moved-{name}")
+        os.makedirs(moved_parent, exist_ok=True)
+        moved = os.path.join(moved_parent, os.path.basename(folder))
+        os.rename(folder, moved)
+        try:
+            r = stage("check_moved", _mbembed("data", "check", "--set", "data.source=folder", "--set",
+                                              f"data.path={moved}", "--set", f"data.check_cache={cache}"))
+            rows["check_moved"]["from_cache"] = f"({n:,} from the check cache)" in r["stdout"]
+        finally:
+            os.rename(moved, folder)
     if "index" in stages:
         r = _run([sys.executable, "-c", INDEX, folder, cache], env)
         rows["index"] = {**{k: v for k, v in r.items() if k not in ("stdout", "first_s")},
@@ -143,8 +155,9 @@ def bench_size(name: str, n: int, root: str, env: dict, stages: set, work: str) 
     stage("prepare", _mbembed("prepare", *data, "--data", folder, "--out", prefix, "--shards", "16", "--force",
                               "--no-progress"))
     if "prepare" in stages:
-        stage("tfrecord_check", _mbembed("data", "check", "--set", "data.source=tfrecord",
-                                         "--set", f"data.path={prefix}-*.tfrecord"))
+        records = ["--set", "data.source=tfrecord", "--set", f"data.path={prefix}-*.tfrecord"]
+        stage("tfrecord_check", _mbembed("data", "check", *records))
+        stage("tfrecord_check_full", _mbembed("data", "check", *records, "--full"))
     run_dir = os.path.join(work, f"run-{name}")
     shutil.rmtree(run_dir, ignore_errors=True)
     train = [*data, "--set", f"run_dir={run_dir}", "--set", "data.image_size=32", "--set", "model.alpha=0.25",
@@ -165,8 +178,8 @@ def main(argv: list[str]) -> dict:
     ap = argparse.ArgumentParser(prog="bench.py scale", description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="10k,100k,1m", help="comma list of 10k, 100k, 1m")
     ap.add_argument("--root", default=os.path.join("bench", "scale_data"), help="where the scale folders live")
-    ap.add_argument("--stages", default="floor,check_cold,check_warm,index,prepare,train_first_step,"
-                                        "resume_first_step,export_embeddings")
+    ap.add_argument("--stages", default="floor,check_cold,check_warm,check_moved,index,prepare,tfrecord_check,"
+                                        "tfrecord_check_full,train_first_step,resume_first_step,export_embeddings")
     ap.add_argument("--out", default=os.path.join("bench", "scale.json"))
     args = ap.parse_args(argv)
     stages = set(args.stages.split(","))
@@ -177,7 +190,9 @@ def main(argv: list[str]) -> dict:
     with tempfile.TemporaryDirectory(prefix="bench-scale-") as work:
         for name in args.sizes.split(","):
             print(f"{name}:", flush=True)
+            load = os.getloadavg()[0]
             result["sizes"][name] = bench_size(name, SIZES[name], args.root, env, stages, work)
+            result["sizes"][name]["load_average_1min"] = [round(load, 2), round(os.getloadavg()[0], 2)]
     _print_table(result)
     write_result(args.out, result)
     return result
@@ -186,7 +201,7 @@ def main(argv: list[str]) -> dict:
 def _print_table(result: dict) -> None:
     sizes = list(result["sizes"])
     print(f"\n{'stage':<20}" + "".join(f"{s:>28}" for s in sizes))
-    stages = list(dict.fromkeys(k for s in sizes for k in result["sizes"][s]))
+    stages = list(dict.fromkeys(k for s in sizes for k in result["sizes"][s] if k != "load_average_1min"))
     for st in stages:
         cells = []
         for s in sizes:

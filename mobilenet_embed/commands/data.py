@@ -24,7 +24,10 @@ def data_group() -> None:
 @config_options
 @click.option("--max-list", type=click.IntRange(min=0), default=None,
               help="List at most this many unreadable files (default: all).")
-def data_check(cfg: Config, max_list: Optional[int]) -> None:
+@click.option("--full", is_flag=True,
+              help="Decode every image again: folder, ignoring the check cache; tfrecord, every record of the "
+                   "shards (default: trust the shards `prepare` wrote: checksum, sizes and counts verified).")
+def data_check(cfg: Config, max_list: Optional[int], full: bool) -> None:
     """Count identities and images, decode every image, list unreadable files with reasons.
 
     Exit code 2 when the data path is missing or empty, no identity has two readable images,
@@ -33,7 +36,7 @@ def data_check(cfg: Config, max_list: Optional[int]) -> None:
     from mobilenet_embed.data import inspect_data, validate_report
 
     t0 = time.perf_counter()
-    _, report = inspect_data(cfg.data, check=True)
+    _, report = inspect_data(cfg.data, check=True, full=full)
     for line in report.summary_lines(max_bad=max_list):
         click.echo(line)
     validate_report(report, cfg.data)
@@ -51,7 +54,10 @@ def data_check(cfg: Config, max_list: Optional[int]) -> None:
               help="Number of shard files (at least the number of training workers).")
 @click.option("--force", is_flag=True, help="Overwrite existing shards and manifest of this prefix.")
 @click.option("--progress/--no-progress", default=True, help="Show a progress bar.")
-def prepare(cfg: Config, data_dir: str, out_prefix: str, shards: int, force: bool, progress: bool) -> None:
+@click.option("--workers", type=click.IntRange(min=1), default=None,
+              help="Shards written at once (default: one per CPU core, at least 2); same output for any number.")
+def prepare(cfg: Config, data_dir: str, out_prefix: str, shards: int, force: bool, progress: bool,
+            workers: Optional[int]) -> None:
     """Write an identity folder as sharded TFRecords plus a JSON manifest (data.source: tfrecord).
 
     Every image is decoded first; unreadable files are skipped, counted and listed in the
@@ -61,9 +67,9 @@ def prepare(cfg: Config, data_dir: str, out_prefix: str, shards: int, force: boo
     from mobilenet_embed.data import prepare_tfrecords
 
     result = prepare_tfrecords(cfg.data, data_dir, out_prefix, shards, force=force, seed=cfg.seed,
-                               progress=progress, log=click.echo)
+                               progress=progress, log=click.echo, workers=workers)
     click.echo(f"wrote {result['images']:,} images of {result['identities']:,} identities into "
-               f"{result['shards']} shards ({result['bytes'] / 1e6:,.1f} MB) in {result['seconds']:.1f} s; "
+               f"{result['shards']} shards ({result['bytes'] / 1e6:,.1f} MB) in {result['seconds']:.1f} s ({result['workers']} at once); "
                f"skipped {result['bad_files']:,} unreadable files and {result['small_identities_skipped']:,} "
                f"identities with fewer than {result['min_images_per_identity']} images; re-encoded "
                f"{result['reencoded_png']:,} as PNG")

@@ -14,9 +14,19 @@ images is dropped (not composited), as `tf.io.decode_png(channels=3)` does.
 `check_files` decodes every file once (a parallel tf.data pass, then Pillow for the files
 TensorFlow refused) and sorts them into ``tf`` / ``pillow`` / bad with a one-line reason:
 ``empty file (0 bytes)``, ``file not found``, ``truncated JPEG``, ``corrupt JPEG (...)``,
-``not an image (unrecognised content)``, ... Results are cached by (path, size, mtime) in a
-JSON file under `data.check_cache` (one file per folder), so an unchanged folder checks
-instantly the second time; a file whose size or mtime changed is decoded again.
+``not an image (unrecognised content)``, ``file name is not valid UTF-8``, ``too large: ...``.
+
+Pixel limit (`data.max_pixels`): the width and height are read from the file's header first
+(JPEG through `tf.image.extract_jpeg_shape`, PNG, GIF, BMP and WebP from their first bytes;
+Pillow's `Image.open` for the rest), and an image above the limit is never decoded: it is bad
+(``too large: 20000x20000 = 400,000,000 pixels > data.max_pixels (40,000,000)``).
+
+The check cache (`data.check_cache`): one JSON file per data folder *name* in that folder,
+``check2-<sha1 of the folder's base name>.json``, entries keyed by the file's path relative to
+the data folder, with its size and mtime_ns. So the same data mounted at another path (another
+machine, shared storage) hits the cache when the cache folder is shared too (point
+`data.check_cache` beside the data), and a file whose size or mtime changed is decoded again.
+Entries of other files are kept (a subset checked by `eval` does not evict the rest).
 """
 
 from __future__ import annotations
@@ -34,10 +44,19 @@ import tensorflow as tf
 
 from mobilenet_embed import atomic
 from mobilenet_embed.image_files import IMAGE_EXTENSIONS, PILLOW_EXTENSIONS, TF_EXTENSIONS  # noqa: F401
+from mobilenet_embed.image_files import is_utf8_name
 
 
 ROUTE_TF, ROUTE_PILLOW, ROUTE_BAD = "tf", "pillow", "bad"
-CACHE_VERSION = 1
+CACHE_VERSION = 2
+DEFAULT_MAX_PIXELS = 40_000_000
+NOT_UTF8 = "file name is not valid UTF-8 (TensorFlow cannot open it; rename the file)"
+_TOO_LARGE = "too large: "
+
+
+def too_large_reason(height: int, width: int, max_pixels: int) -> str:
+    """The reason a file above the pixel limit is bad (one line)."""
+    return (f"{_TOO_LARGE}{width}x{height} = {width * height:,} pixels > data.max_pixels ({max_pixels:,})")
 
 
 def decode_image_bytes(contents: tf.Tensor) -> tf.Tensor:
@@ -127,8 +146,9 @@ def _magic(head: bytes) -> str:
     return ""
 
 
-def _diagnose(path: str) -> FileCheck:
-    """Why TensorFlow could not decode `path`; or the Pillow route when Pillow can."""
+def _diagnose(path: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> FileCheck:
+    """Why TensorFlow could not decode `path`; or the Pillow route when Pillow can (the pixel
+    limit read from the header by `Image.open`, before decoding)."""
     from PIL import Image, UnidentifiedImageError
 
     try:
@@ -148,6 +168,9 @@ def _diagnose(path: str) -> FileCheck:
     kind = _magic(head)
     try:
         with Image.open(path) as im:
+            width, height = im.size
+            if width * height > max_pixels:
+                return FileCheck(ROUTE_BAD, height, width, too_large_reason(height, width, max_pixels))
             im.seek(0)
             arr = _pil_to_rgb(im)
         return FileCheck(ROUTE_PILLOW, int(arr.shape[0]), int(arr.shape[1]))
@@ -165,22 +188,92 @@ def _diagnose(path: str) -> FileCheck:
     return FileCheck(ROUTE_BAD, reason="not an image (unrecognised content)")
 
 
-def _tf_pass(paths: list[str]) -> dict[int, tuple[int, int]]:
-    """Decode `paths` with TensorFlow in parallel; {position: (height, width)} of the good ones."""
+_ZEROS = b"\0" * 32
+
+
+def header_size(contents: tf.Tensor) -> tf.Tensor:
+    """(height, width) int64 ``[2]`` from an encoded image's header, without decoding it;
+    ``[0, 0]`` when the format is not JPEG, PNG, GIF, BMP or WebP (graph ops only; a JPEG costs
+    one comparison and `tf.image.extract_jpeg_shape`)."""
+    is_jpeg = tf.equal(tf.strings.substr(contents, 0, 3), b"\xff\xd8\xff")
+    return tf.cond(is_jpeg, lambda: tf.cast(tf.image.extract_jpeg_shape(contents)[:2], tf.int64),
+                   lambda: _other_header_size(contents))
+
+
+def _other_header_size(contents: tf.Tensor) -> tf.Tensor:
+    """`header_size` of PNG, GIF, BMP and WebP (fixed byte positions of the first 32 bytes)."""
+    head = tf.strings.substr(tf.strings.join([tf.strings.substr(contents, 0, 32), _ZEROS]), 0, 32)
+    b = tf.cast(tf.io.decode_raw(head, tf.uint8), tf.int64)
+
+    def le(i, n):
+        return sum(b[i + j] * (256 ** j) for j in range(n))
+
+    def be(i, n):
+        return sum(b[i + j] * (256 ** (n - 1 - j)) for j in range(n))
+
+    fourcc = tf.strings.substr(head, 12, 4)
+    webp = tf.logical_and(tf.equal(tf.strings.substr(head, 0, 4), b"RIFF"),
+                          tf.equal(tf.strings.substr(head, 8, 4), b"WEBP"))
+    vp8l_bits = le(21, 4)
+    candidates = [
+        (tf.equal(tf.strings.substr(head, 0, 8), b"\x89PNG\r\n\x1a\n"), tf.stack([be(20, 4), be(16, 4)])),
+        (tf.equal(tf.strings.substr(head, 0, 3), b"GIF"), tf.stack([le(8, 2), le(6, 2)])),
+        (tf.equal(tf.strings.substr(head, 0, 2), b"BM"),
+         tf.stack([tf.abs(le(22, 4) - tf.cast(b[25] >= 128, tf.int64) * 2 ** 32), le(18, 4)])),
+        (tf.logical_and(webp, tf.equal(fourcc, b"VP8X")), tf.stack([le(27, 3) + 1, le(24, 3) + 1])),
+        (tf.logical_and(webp, tf.equal(fourcc, b"VP8 ")), tf.stack([le(28, 2) % 16384, le(26, 2) % 16384])),
+        (tf.logical_and(webp, tf.equal(fourcc, b"VP8L")),
+         tf.stack([(vp8l_bits // 16384) % 16384 + 1, vp8l_bits % 16384 + 1])),
+    ]
+    size = tf.zeros([2], tf.int64)
+    for match, hw in reversed(candidates):
+        size = tf.where(match, hw, size)
+    return size
+
+
+# a 1x1 PNG, decoded instead of an image above the pixel limit (no tf.cond per image: measured,
+# a cond in the map doubled the check's CPU time on small JPEGs)
+_TINY_PNG = (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00\x00\x00\x01\x00\x00\x00\x01\x08\x02\x00\x00\x00\x90wS"
+             b"\xde\x00\x00\x00\x0cIDATx\x9cc```\x00\x00\x00\x04\x00\x01\xf6\x178U\x00\x00\x00\x00IEND\xaeB`\x82")
+
+
+def _tf_pass(paths: list[str], max_pixels: int) -> dict[int, tuple[int, int, bool]]:
+    """Decode `paths` with TensorFlow in parallel; {position: (height, width, too large)} of the
+    good ones (a file above `max_pixels` by its header is not decoded). Files named .jpg/.jpeg
+    take the JPEG header reader alone (a JPEG that is not one fails it and goes to `_diagnose`)."""
     if not paths:
         return {}
+    jpeg = np.array([os.path.splitext(p)[1].lower() in (".jpg", ".jpeg") for p in paths], bool)
+    good: dict[int, tuple[int, int, bool]] = {}
+    for group, is_jpeg in ((np.flatnonzero(jpeg), True), (np.flatnonzero(~jpeg), False)):
+        if len(group):
+            ds = tf.data.Dataset.from_tensor_slices((group.astype(np.int64), [paths[i] for i in group.tolist()]))
+            good.update(shapes_of(ds, max_pixels, is_jpeg, load=tf.io.read_file))
+    return good
 
-    def decode(i, p):
-        shape = tf.shape(decode_image_bytes(tf.io.read_file(p)))
-        return i, shape[0], shape[1]
 
-    ds = tf.data.Dataset.from_tensor_slices((np.arange(len(paths), dtype=np.int64), paths))
-    ds = ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
+def shapes_of(items: tf.data.Dataset, max_pixels: int, jpeg: bool = False, load=None
+              ) -> dict[int, tuple[int, int, bool]]:
+    """{i: (height, width, too large)} of the ``(i, encoded bytes)`` of `items` that TensorFlow
+    decodes (in parallel); one above `max_pixels` by its header is not decoded. `jpeg`: every
+    item is read as JPEG (`tf.image.extract_jpeg_shape`, which fails on anything else).
+    `load`: items are ``(i, x)`` and ``load(x)`` the bytes (read inside the parallel map)."""
+
+    def decode(i, contents):
+        if load is not None:
+            contents = load(contents)
+        hw = (tf.cast(tf.image.extract_jpeg_shape(contents)[:2], tf.int64) if jpeg else header_size(contents))
+        big = hw[0] * hw[1] > max_pixels
+        shape = tf.cast(tf.shape(decode_image_bytes(tf.where(big, _TINY_PNG, contents)))[:2], tf.int64)
+        shape = tf.where(big, hw, shape)
+        return i, shape[0], shape[1], big
+
+    ds = items.map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
     ds = ds.ignore_errors().batch(4096)
-    good: dict[int, tuple[int, int]] = {}
-    for i, h, w in ds.as_numpy_iterator():
-        for a, b, c in zip(i.tolist(), h.tolist(), w.tolist()):
-            good[a] = (b, c)
+    good: dict[int, tuple[int, int, bool]] = {}
+    for i, h, w, big in ds.as_numpy_iterator():
+        for a, b, c, d in zip(i.tolist(), h.tolist(), w.tolist(), big.tolist()):
+            good[a] = (b, c, d)
     return good
 
 
@@ -193,36 +286,50 @@ def _stat(path: str) -> Optional[tuple[int, int]]:
 
 
 class CheckCache:
-    """Check results of the files under one folder, keyed by (relative path, size, mtime_ns).
+    """Check results of the files under one folder (see the module doc for the file and keys).
 
-    Stored as JSON at ``<cache_dir>/check-<sha1 of the folder's absolute path>.json``; written
-    atomically (temporary file, then rename), so concurrent runs cannot leave it half-written.
-    """
+    Written atomically (temporary file, then rename), so concurrent runs cannot leave it
+    half-written."""
 
     def __init__(self, cache_dir: Optional[str], root: str):
         self.root = os.path.abspath(root)
+        self._prefixes = (os.path.join(str(root), ""), os.path.join(self.root, ""))
         self.file = None
         self.entries: dict[str, list] = {}
         self.dirty = False
         if cache_dir:
-            digest = hashlib.sha1(self.root.encode("utf-8")).hexdigest()[:20]
-            self.file = os.path.join(os.path.expanduser(cache_dir), f"check-{digest}.json")
+            name = os.path.basename(self.root) or "root"
+            digest = hashlib.sha1(os.fsencode(name)).hexdigest()[:20]
+            self.file = os.path.join(os.path.expanduser(cache_dir), f"check2-{digest}.json")
             try:
                 with open(self.file, encoding="utf-8") as fh:
                     data = json.load(fh)
-                if data.get("version") == CACHE_VERSION and data.get("root") == self.root:
-                    self.entries = data.get("entries", {})
+                if data.get("version") == CACHE_VERSION and isinstance(data.get("entries"), dict):
+                    self.entries = data["entries"]
             except (OSError, ValueError, AttributeError):
                 self.entries = {}
 
     def _key(self, path: str) -> str:
+        for prefix in self._prefixes:  # the scan's paths start with the folder as given: no relpath
+            if path.startswith(prefix):
+                return path[len(prefix):]
         return os.path.relpath(os.path.abspath(path), self.root)
 
-    def get(self, path: str, stat: tuple[int, int]) -> Optional[FileCheck]:
+    def get(self, path: str, stat: tuple[int, int], max_pixels: int) -> Optional[FileCheck]:
+        """The cached result of `path` if its size and mtime match, under the pixel limit now set
+        (an entry refused by a lower limit is checked again)."""
         entry = self.entries.get(self._key(path))
-        if entry and entry[0] == stat[0] and entry[1] == stat[1]:
-            return FileCheck(entry[2], entry[3], entry[4], entry[5])
-        return None
+        if not entry or entry[0] != stat[0] or entry[1] != stat[1]:
+            return None
+        result = FileCheck(entry[2], entry[3], entry[4], entry[5])
+        pixels = result.height * result.width
+        if result.reason.startswith(_TOO_LARGE):
+            return None if pixels <= max_pixels else FileCheck(
+                ROUTE_BAD, result.height, result.width, too_large_reason(result.height, result.width, max_pixels))
+        if result.ok and pixels > max_pixels:
+            return FileCheck(ROUTE_BAD, result.height, result.width,
+                             too_large_reason(result.height, result.width, max_pixels))
+        return result
 
     def put(self, path: str, stat: tuple[int, int], result: FileCheck) -> None:
         self.entries[self._key(path)] = [stat[0], stat[1], result.route, result.height, result.width,
@@ -233,27 +340,21 @@ class CheckCache:
         if not self.file or not self.dirty:
             return
         try:
-            atomic.write_json(self.file, {"version": CACHE_VERSION, "root": self.root, "entries": self.entries})
+            atomic.write_json(self.file, {"version": CACHE_VERSION, "folder": os.path.basename(self.root),
+                                          "entries": self.entries})
         except OSError:
             pass  # a cache that cannot be written only costs time
 
 
-def _utf8_name(path: str) -> bool:
-    """Whether `path` is valid UTF-8 (a name of other bytes reaches Python with surrogate escapes,
-    which TensorFlow's string tensors refuse)."""
-    try:
-        path.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
 def check_files(paths: Iterable[str], cache_dir: Optional[str] = None, root: Optional[str] = None,
-                stats: Optional[dict] = None) -> CheckStats:
+                stats: Optional[dict] = None, max_pixels: int = DEFAULT_MAX_PIXELS,
+                use_cache: bool = True) -> CheckStats:
     """Decode every file once and classify it (see the module doc). Returns `CheckStats`.
 
-    `root`: the folder the cache file belongs to (default: the common folder of `paths`);
-    `stats`: optional {path: (size, mtime_ns)} already known from a directory scan.
+    `root`: the data folder the cache keys are relative to (default: the common folder of
+    `paths`); `stats`: optional {path: (size, mtime_ns)} already known from a directory scan;
+    `max_pixels`: larger images are bad (read from the header, not decoded); ``use_cache=False``
+    decodes every file again (and refreshes the cache).
     """
     t0 = time.perf_counter()
     paths = list(paths)
@@ -266,16 +367,15 @@ def check_files(paths: Iterable[str], cache_dir: Optional[str] = None, root: Opt
     todo: list[str] = []
     todo_stat: list[tuple[int, int]] = []
     for p in paths:
-        if not _utf8_name(p):
-            out.results[p] = FileCheck(ROUTE_BAD, reason="file name is not valid UTF-8 (TensorFlow cannot "
-                                                         "open it; rename the file)")
+        if not is_utf8_name(p):
+            out.results[p] = FileCheck(ROUTE_BAD, reason=NOT_UTF8)
             continue
         st = (stats or {}).get(p) or _stat(p)
         if st is None:
             out.results[p] = FileCheck(ROUTE_BAD, reason="file not found" if not os.path.lexists(p)
                                        else "cannot read")
             continue
-        hit = cache.get(p, st)
+        hit = cache.get(p, st, max_pixels) if use_cache else None
         if hit is not None:
             out.results[p] = hit
             out.cached += 1
@@ -285,15 +385,16 @@ def check_files(paths: Iterable[str], cache_dir: Optional[str] = None, root: Opt
         else:
             todo.append(p)
             todo_stat.append(st)
-    good = _tf_pass(todo)
+    good = _tf_pass(todo, max_pixels)
     failed = [i for i in range(len(todo)) if i not in good]
-    for i, (h, w) in good.items():
-        out.results[todo[i]] = FileCheck(ROUTE_TF, h, w)
+    for i, (h, w, big) in good.items():
+        out.results[todo[i]] = (FileCheck(ROUTE_BAD, h, w, too_large_reason(h, w, max_pixels)) if big
+                                else FileCheck(ROUTE_TF, h, w))
         cache.put(todo[i], todo_stat[i], out.results[todo[i]])
     if failed:
         workers = max(1, min(8, os.cpu_count() or 1))
         with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-            diagnosed = list(pool.map(lambda i: _diagnose(todo[i]), failed))
+            diagnosed = list(pool.map(lambda i: _diagnose(todo[i], max_pixels), failed))
         for i, result in zip(failed, diagnosed):
             out.results[todo[i]] = result
             cache.put(todo[i], todo_stat[i], result)

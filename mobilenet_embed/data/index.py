@@ -22,7 +22,7 @@ import tensorflow as tf
 
 from mobilenet_embed.data import decode, synthetic, tfrecord
 from mobilenet_embed.errors import UserError
-from mobilenet_embed.image_files import scan_folder
+from mobilenet_embed.image_files import display_path, scan_folder
 
 
 @dataclass
@@ -139,7 +139,7 @@ class DataReport:
                          f"data.max_bad_fraction {self.max_bad_fraction:.2%})")
             shown = self.bad_files if max_bad is None else self.bad_files[:max_bad]
             for path, reason in shown:
-                lines.append(f"  {path}: {reason}")
+                lines.append(f"  {display_path(path)}: {reason}")
             if len(shown) < len(self.bad_files):
                 lines.append(f"  ... and {len(self.bad_files) - len(shown):,} more")
         else:
@@ -221,7 +221,7 @@ def _parse_people(lines: list[str]) -> Optional[list[list[str]]]:
 # --------------------------------------------------------------------------- sources
 
 
-def _folder_index(data_cfg, check: bool, report: DataReport) -> ImageIndex:
+def _folder_index(data_cfg, check: bool, report: DataReport, full: bool = False) -> ImageIndex:
     root = data_cfg.path
     if not root:
         raise UserError("data.path: required when data.source is 'folder', received None")
@@ -229,7 +229,13 @@ def _folder_index(data_cfg, check: bool, report: DataReport) -> ImageIndex:
         raise UserError(f"data.path: folder not found: {root}")
     if not os.path.isdir(root):
         raise UserError(f"data.path: not a folder: {root} (data.source is 'folder')")
-    files, stats, report.ignored_files = scan_folder(root)
+    skipped: list = []
+    files, stats, report.ignored_files = scan_folder(root, skipped)
+    if skipped:
+        report.notes.append(f"folders skipped by the scan: {len(skipped):,}")
+        report.notes.extend(f"  {display_path(p)}: {why}" for p, why in skipped[:20])
+        if len(skipped) > 20:
+            report.notes.append(f"  ... and {len(skipped) - 20:,} more")
     if not files:
         raise UserError(f"data.path: no images in {root} (expected one sub-folder of images per identity)")
     report.identities = len(files)
@@ -238,7 +244,9 @@ def _folder_index(data_cfg, check: bool, report: DataReport) -> ImageIndex:
     pillow = np.array([decode.route_by_extension(p) == decode.ROUTE_PILLOW for p in paths], bool)
     good = np.ones(len(paths), bool)
     if check:
-        result = decode.check_files(paths, getattr(data_cfg, "check_cache", None), root=root, stats=stats)
+        result = decode.check_files(paths, getattr(data_cfg, "check_cache", None), root=root, stats=stats,
+                                    max_pixels=getattr(data_cfg, "max_pixels", decode.DEFAULT_MAX_PIXELS),
+                                    use_cache=not full)
         report.checked = True
         report.check_seconds = result.seconds
         report.cached_checks = result.cached
@@ -269,16 +277,24 @@ def _synthetic_index(data_cfg, report: DataReport) -> ImageIndex:
                       np.zeros(n_ids * n_img, bool))
 
 
-def _tfrecord_index(data_cfg, check: bool, report: DataReport) -> ImageIndex:
-    """ImageIndex of the selected shards (keys ``tfrecord:<shard>:<record>``) from the manifest."""
+def _tfrecord_index(data_cfg, check: bool, report: DataReport, full: bool = False) -> ImageIndex:
+    """ImageIndex of the selected shards (keys ``tfrecord:<shard>:<record>``) from the manifest.
+
+    With `check`, the shards are trusted as `prepare` wrote them (`tfrecord.verify_shards`:
+    checksum, sizes, record counts); `full` decodes every record instead."""
+    import time
+
     man = tfrecord.load_manifest(data_cfg.path)
     report.root = f"{data_cfg.path} ({len(man.selected)} of {len(man.shards)} shards, {man.path})"
+    bad: set = set()
     if check:
-        missing = [f for i in man.selected for f in (man.files[i], man.files[i] + tfrecord.INDEX_SUFFIX)
-                   if not tf.io.gfile.exists(f)]
-        if missing:
-            raise UserError(f"data.path: shard file not found: {missing[0]}"
-                            + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+        t0 = time.perf_counter()
+        tfrecord.verify_shards(man)
+        if full:
+            for s, r, reason in tfrecord.decode_records(man, getattr(data_cfg, "max_pixels", decode.DEFAULT_MAX_PIXELS)):
+                bad.add((s, r))
+                report.bad_files.append((f"{tfrecord.KEY_PREFIX}{s}:{r} ({man.files[s]})", reason))
+        report.check_seconds = time.perf_counter() - t0
     keys: list[str] = []
     labels: list[int] = []
     for s in man.selected:
@@ -288,6 +304,10 @@ def _tfrecord_index(data_cfg, check: bool, report: DataReport) -> ImageIndex:
             labels.extend([label] * count)
             r += count
     labels_arr = np.asarray(labels, np.int64)
+    if bad:
+        good = np.array([tfrecord.parse_key(k) not in bad for k in keys], bool)
+        keys = [k for k, g in zip(keys, good.tolist()) if g]
+        labels_arr = labels_arr[good]
     present = np.unique(labels_arr)
     remap = np.full(len(man.identities), -1, np.int64)
     remap[present] = np.arange(len(present))
@@ -295,17 +315,25 @@ def _tfrecord_index(data_cfg, check: bool, report: DataReport) -> ImageIndex:
     index = ImageIndex([keys[i] for i in order.tolist()], remap[labels_arr[order]].astype(np.int32),
                        [man.identities[i] for i in present.tolist()], np.zeros(len(keys), bool))
     report.identities = len(present)
-    report.images = len(keys)
+    report.images = len(keys) + len(bad)
     report.checked = True
     report.image_sizes = dict(man.data.get("image_sizes", {})) if len(man.selected) == len(man.shards) else {}
     skipped = man.data.get("bad_files", [])
-    report.notes.append(f"images were decoded by `mbembed prepare` when it wrote the shards"
-                        + (f"; it skipped {len(skipped)} unreadable files (listed in {man.path})" if skipped else ""))
+    if full:
+        report.notes.append(f"decoded every record of {len(man.selected)} shards (--full)")
+    else:
+        report.notes.append("images were decoded by `mbembed prepare` when it wrote the shards; trusted: "
+                            "manifest checksum, shard sizes and record counts verified (`data check --full` "
+                            "decodes every record)"
+                            + (f"; it skipped {len(skipped)} unreadable files (listed in {man.path})" if skipped else ""))
     return index
 
 
-def inspect_data(data_cfg, check: bool = True) -> tuple[ImageIndex, DataReport]:
+def inspect_data(data_cfg, check: bool = True, full: bool = False) -> tuple[ImageIndex, DataReport]:
     """Index of the configured source with identity filters applied, and its report.
+
+    `full`: decode every image again: folder, ignoring the check cache; tfrecord, every record of
+    the shards instead of trusting the manifest `prepare` wrote (`data check --full`).
 
     Raises UserError only for a missing/empty data path or a bad identities file; the
     thresholds (bad fraction, usable identities) are `validate_report`'s job.
@@ -314,11 +342,11 @@ def inspect_data(data_cfg, check: bool = True) -> tuple[ImageIndex, DataReport]:
                         min_images_per_identity=data_cfg.min_images_per_identity,
                         max_bad_fraction=data_cfg.max_bad_fraction)
     if data_cfg.source == "folder":
-        index = _folder_index(data_cfg, check, report)
+        index = _folder_index(data_cfg, check, report, full)
     elif data_cfg.source == "synthetic":
         index = _synthetic_index(data_cfg, report)
     elif data_cfg.source == "tfrecord":
-        index = _tfrecord_index(data_cfg, check, report)
+        index = _tfrecord_index(data_cfg, check, report, full)
     else:  # pragma: no cover - the config validates choices
         raise UserError(f"data.source: unknown source {data_cfg.source!r}")
 

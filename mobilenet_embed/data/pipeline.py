@@ -38,6 +38,7 @@ from mobilenet_embed.data.index import ImageIndex, build_index, split_identities
 from mobilenet_embed.data.preprocess import (color_jitter, crop_resize_decoded, crop_resize_encoded,
                                              preprocess_images)
 from mobilenet_embed.errors import UserError
+from mobilenet_embed.image_files import display_path
 
 _INF = np.iinfo(np.int64).max
 
@@ -198,7 +199,6 @@ def _index_plans(index: ImageIndex, sources: tuple, p: int, k: int, seed: int, s
     counts = tf.constant(counts_all[usable], tf.int64)
     offsets = tf.constant(offsets_all[usable], tf.int64)
     labels_of = tf.constant(usable, tf.int64)
-    max_count = int(counts_all[usable].max())
     sources = tuple(tf.constant(np.asarray(s)[order]) for s in sources)
     if sampling == "uniform":
         return _uniform_plans(counts_all, offsets_all, usable, sources, p * k, seed, start_step, worker_index,
@@ -209,7 +209,7 @@ def _index_plans(index: ImageIndex, sources: tuple, p: int, k: int, seed: int, s
                                         lambda n: sampler.fold_key(seed, sampler.TAG_PASS, num_workers, n),
                                         group=num_workers, member=worker_index)
         key = sampler.fold_key(seed, sampler.TAG_STEP, worker_index, step)
-        rows, owners = sampler.pk_plan(offsets, counts, ids, k, key, max_count)
+        rows, owners = sampler.pk_plan(offsets, counts, ids, k, key)
         picked = tuple(tf.gather(s, rows) for s in sources)
         return (*picked, tf.gather(labels_of, owners), sampler.image_draws(key, p * k), step)
 
@@ -269,12 +269,10 @@ def pk_batches(cfg, index: Optional[ImageIndex] = None, start_step: int = 0, num
     seed = int(cfg.seed)
     sampling = getattr(data_cfg, "sampling", "pk")
     if data_cfg.source == "tfrecord":
-        if sampling != "pk":
-            raise UserError(f"data.sampling: '{sampling}' is not available for data.source 'tfrecord' yet "
-                            "(its shards are read by P x K rounds); use pk, or data.source folder")
+        uniform = sampling == "uniform"
         man = tfrecord.load_manifest(data_cfg.path)
-        plan = tfrecord.RoundPlan(man, index, p, k, data_cfg.shuffle_buffer, worker_index, num_workers)
-        plans = tfrecord.tfrecord_pk_plans(man, plan, p, k, seed, start_step, worker_index)
+        plan = tfrecord.RoundPlan(man, index, p, k, data_cfg.shuffle_buffer, worker_index, num_workers, uniform)
+        plans = tfrecord.tfrecord_pk_plans(man, plan, p, k, seed, start_step, worker_index, uniform)
         from_bytes = _from_bytes(data_cfg, augment)
 
         def load(content, pos, length, draws):
@@ -329,11 +327,12 @@ def images_dataset(data_cfg, paths: list, batch_size: int, check: bool = True) -
     if odd:
         raise UserError(f"{odd[0]}: image keys cannot be mixed with file paths")
     if check and paths:
-        result = decode.check_files(paths, getattr(data_cfg, "check_cache", None))
+        result = decode.check_files(paths, getattr(data_cfg, "check_cache", None),
+                                    max_pixels=getattr(data_cfg, "max_pixels", decode.DEFAULT_MAX_PIXELS))
         bad = [(p, result.results[p].reason) for p in paths if not result.results[p].ok]
         if bad:
             more = f" (and {len(bad) - 1} more unreadable images)" if len(bad) > 1 else ""
-            raise UserError(f"{bad[0][0]}: unreadable image: {bad[0][1]}{more}")
+            raise UserError(f"{display_path(bad[0][0])}: unreadable image: {bad[0][1]}{more}")
         pillow = np.array([result.results[p].route == decode.ROUTE_PILLOW for p in paths], bool)
     else:
         pillow = np.array([decode.route_by_extension(p) == decode.ROUTE_PILLOW for p in paths], bool)

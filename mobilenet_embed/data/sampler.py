@@ -7,6 +7,10 @@ the P identities of a batch are distinct and every identity appears once per pas
 pass is shared and cut into groups of ``P * num_workers``: worker w takes the w-th P of each
 group, so at one step the workers hold disjoint identities.
 
+The permutation is never materialised: the P positions of a step are mapped through
+`tf.random.experimental.index_shuffle`, a stateless bijection of ``[0, I)`` keyed by the pass,
+so a step costs O(P), not O(I) (a full shuffle of 100k identities cost 8 ms per step).
+
 Within an identity with c images, K distinct images are drawn uniformly when c >= K; when
 c < K all c images are used, in random order, and the remaining K - c slots are drawn from
 them with replacement.
@@ -49,9 +53,9 @@ def choose_identities(num_identities: tf.Tensor, p: int, step: tf.Tensor, pass_k
     per_pass = tf.maximum(num_identities // (p * group), 1)
     pass_no = step // per_pass
     slot = step % per_pass
-    perm = tf.random.experimental.stateless_shuffle(tf.range(num_identities), seed=pass_key(pass_no))
     start = (slot * group + member) * p
-    return perm[start:start + p]
+    return tf.random.experimental.index_shuffle(start + tf.range(p, dtype=tf.int64), pass_key(pass_no),
+                                                num_identities - 1)
 
 
 def uniform_rows(num_images: int, batch: int, step: tf.Tensor, seed: int, worker_index: int = 0,
@@ -63,17 +67,29 @@ def uniform_rows(num_images: int, batch: int, step: tf.Tensor, seed: int, worker
                              group=num_workers, member=worker_index)
 
 
-def choose_images(counts: tf.Tensor, k: int, key: tf.Tensor, max_count: int) -> tf.Tensor:
-    """Positions (int64 ``[P, k]``) of k images inside each identity of image count `counts`."""
+def choose_images(counts: tf.Tensor, k: int, key: tf.Tensor) -> tf.Tensor:
+    """Positions (int64 ``[P, k]``) of k images inside each identity of image count `counts`.
+
+    The first min(c, k) slots of an identity are a uniform random sample without replacement,
+    drawn slot by slot (slot j: a uniform rank among the c - j images not yet taken, mapped past
+    the taken ones): O(P k^2) small vector ops, whatever c (a dense ``[P, largest count]``
+    draw cost 4.9 ms per batch at 100k images whose largest identity holds 17,600); the
+    remaining k - c slots are drawn with replacement."""
     counts = tf.cast(counts, tf.int64)
-    width = max(int(max_count), k)
     key_a = tf.random.experimental.stateless_fold_in(key, 1)
     key_b = tf.random.experimental.stateless_fold_in(key, 2)
     p = tf.shape(counts)[0]
-    u = tf.random.stateless_uniform(tf.stack([p, width]), seed=key_a)
-    j = tf.range(width, dtype=tf.int64)
-    masked = tf.where(j[None, :] < counts[:, None], u, -1.0)
-    top = tf.cast(tf.math.top_k(masked, k).indices, tf.int64)
+    u = tf.random.stateless_uniform(tf.stack([p, k]), seed=key_a, dtype=tf.float64)
+    taken: list = []
+    for j in range(k):
+        left = tf.maximum(counts - j, 1)
+        x = tf.minimum(tf.cast(tf.floor(u[:, j] * tf.cast(left, tf.float64)), tf.int64), left - 1)
+        if taken:
+            ordered = tf.sort(tf.stack(taken, axis=1), axis=1)
+            for t in range(j):  # ascending: each taken position at or below x pushes x one further
+                x = x + tf.cast(ordered[:, t] <= x, tf.int64)
+        taken.append(x)
+    top = tf.stack(taken, axis=1)
     u2 = tf.random.stateless_uniform(tf.stack([p, k]), seed=key_b)
     extra = tf.minimum(tf.cast(tf.floor(u2 * tf.cast(counts[:, None], tf.float32)), tf.int64),
                        counts[:, None] - 1)
@@ -81,13 +97,12 @@ def choose_images(counts: tf.Tensor, k: int, key: tf.Tensor, max_count: int) -> 
     return tf.where(slots[None, :] < counts[:, None], top, extra)
 
 
-def pk_plan(offsets: tf.Tensor, counts: tf.Tensor, identity_positions: tf.Tensor, k: int, key: tf.Tensor,
-            max_count: int):
+def pk_plan(offsets: tf.Tensor, counts: tf.Tensor, identity_positions: tf.Tensor, k: int, key: tf.Tensor):
     """Image rows (int64 ``[P*k]``, identity-major) of the chosen identities, and the identity
     position of each row."""
     sel_counts = tf.gather(counts, identity_positions)
     sel_offsets = tf.gather(offsets, identity_positions)
-    positions = choose_images(sel_counts, k, key, max_count)
+    positions = choose_images(sel_counts, k, key)
     rows = tf.reshape(sel_offsets[:, None] + positions, [-1])
     owners = tf.reshape(tf.repeat(identity_positions[:, None], k, axis=1), [-1])
     return rows, owners

@@ -25,10 +25,13 @@ resumption from a step without reading what came before:
   of the ``.index`` file: no `tf.train.Example` parsing in training (the records stay ordinary
   Examples for any other reader).
 - Step n is round ``n // B``, batch ``n mod B``: resuming at step n reads only that round.
+- ``data.sampling: uniform``: the same rounds (holding at least P*K images), each batch P*K
+  distinct records of the round drawn through a stateless permutation of its records.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -135,6 +138,59 @@ def load_manifest(path: Optional[str]) -> Manifest:
     return Manifest(path + MANIFEST_SUFFIX, _read_json(path + MANIFEST_SUFFIX))
 
 
+def manifest_checksum(data: dict) -> str:
+    """sha256 of the manifest's content without its ``checksum`` entry (keys sorted, compact)."""
+    body = {k: v for k, v in data.items() if k != "checksum"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode("utf-8")).hexdigest()
+
+
+def verify_shards(man: Manifest) -> None:
+    """Trust check of the selected shards without reading them: the manifest's checksum, each
+    shard's size in bytes and its ``.index``'s record count as `prepare` wrote them (manifests of
+    earlier versions carry no size or checksum: only the record counts are compared)."""
+    again = "; run `mbembed prepare` again"
+    if "checksum" in man.data and man.data["checksum"] != manifest_checksum(man.data):
+        raise UserError(f"{man.path}: checksum mismatch: the manifest was changed after `mbembed prepare` "
+                        f"wrote it{again}")
+    missing = [f for i in man.selected for f in (man.files[i], man.files[i] + INDEX_SUFFIX)
+               if not tf.io.gfile.exists(f)]
+    if missing:
+        raise UserError(f"data.path: shard file not found: {missing[0]}"
+                        + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    for i in man.selected:
+        shard, path = man.shards[i], man.files[i]
+        expected = {path + INDEX_SUFFIX: 16 * int(shard["images"])}
+        if "bytes" in shard:
+            expected[path] = int(shard["bytes"])
+        for f, size in expected.items():
+            actual = tf.io.gfile.stat(f).length
+            if actual != size:
+                raise UserError(f"{f}: {actual:,} bytes, the manifest {man.path} says {size:,}: changed after "
+                                f"`mbembed prepare` wrote it{again}")
+
+
+def decode_records(man: Manifest, max_pixels: int) -> list[tuple[int, int, str]]:
+    """Decode every record of the selected shards (`data check --full`); (shard, record, reason)
+    of those TensorFlow cannot decode or that are above `max_pixels`."""
+    from mobilenet_embed.data import decode
+
+    bad = []
+    for s in man.selected:
+        where = read_shard_index(man.files[s])
+        with tf.io.gfile.GFile(man.files[s], "rb") as fh:
+            content = fh.read()
+        blobs = [content[a:a + n] for a, n in where.tolist()]
+        items = tf.data.Dataset.from_tensor_slices((np.arange(len(blobs), dtype=np.int64),
+                                                    tf.constant(blobs, tf.string) if blobs else tf.zeros([0], tf.string)))
+        good = decode.shapes_of(items, max_pixels)
+        for r in range(len(blobs)):
+            if r not in good:
+                bad.append((s, r, "corrupt record (TensorFlow cannot decode its image)"))
+            elif good[r][2]:
+                bad.append((s, r, decode.too_large_reason(good[r][0], good[r][1], max_pixels)))
+    return bad
+
+
 def parse_key(key: str) -> tuple[int, int]:
     try:
         prefix, shard, record = key.split(":")
@@ -173,19 +229,18 @@ class RoundPlan:
     """Rounds of one worker's shards (see the module doc), from the manifest and an index."""
 
     def __init__(self, man: Manifest, index, p: int, k: int, min_round_images: int, worker_index: int,
-                 num_workers: int):
+                 num_workers: int, uniform: bool = False):
         name_to_label = {n: i for i, n in enumerate(index.identities)}
         self.label_map = np.array([name_to_label.get(n, -1) for n in man.identities], np.int64)
         if len(man.selected) < num_workers:
             raise UserError(f"data.path: {len(man.selected)} shards cannot be split across {num_workers} "
                             f"workers; run `mbembed prepare` with --shards >= {num_workers}")
         mine = [s for j, s in enumerate(man.selected) if j % num_workers == worker_index]
-        images, identities, max_count = [], [], 1
+        images, identities = [], []
         for s in mine:
             runs = [(lab, c) for lab, c in man.shards[s]["runs"] if self.label_map[lab] >= 0]
             images.append(sum(c for _, c in runs))
             identities.append(len({lab for lab, _ in runs}))
-            max_count = max([max_count] + [c for _, c in runs])
         keep = [i for i, n in enumerate(images) if n > 0]
         self.files = [man.files[mine[i]] for i in keep]
         # per record of the kept shards, flat: image offset and length in its shard, index label
@@ -207,25 +262,35 @@ class RoundPlan:
         self.record_label = np.concatenate(labels) if labels else np.zeros(0, np.int64)
         images = [images[i] for i in keep]
         identities = [identities[i] for i in keep]
-        if not self.files or sum(identities) < p:
-            raise UserError(f"train.identities_per_batch: expected at most the number of identities in "
-                            f"worker {worker_index}'s shards ({sum(identities)}), received {p}")
+        if uniform:  # a round must hold P*K images (not P identities)
+            if not self.files or sum(images) < p * k:
+                raise UserError(f"train.identities_per_batch: with data.sampling 'uniform' P x K must be at most the "
+                                f"number of images in worker {worker_index}'s shards ({sum(images)}), received {p * k}")
+            min_round_images, need, per_shard = max(min_round_images, p * k), p * k, images
+        else:
+            if not self.files or sum(identities) < p:
+                raise UserError(f"train.identities_per_batch: expected at most the number of identities in "
+                                f"worker {worker_index}'s shards ({sum(identities)}), received {p}")
+            need, per_shard = p, identities
         mean_images = sum(images) / len(images)
         k_shards = max(1, math.ceil(min_round_images / max(mean_images, 1)))
-        smallest = sorted(identities)
-        while k_shards < len(smallest) and sum(smallest[:k_shards]) < p:
+        smallest = sorted(per_shard)
+        while k_shards < len(smallest) and sum(smallest[:k_shards]) < need:
             k_shards += 1
         self.shards_per_round = min(k_shards, len(self.files))
         self.rounds_per_epoch = len(self.files) // self.shards_per_round
         self.batches_per_round = max(1, int(round(self.shards_per_round * mean_images / (p * k))))
-        self.max_count = max_count
         self.images = sum(images)
 
 
 def tfrecord_pk_plans(man: Manifest, plan: RoundPlan, p: int, k: int, seed: int, start_step: int,
-                      worker_index: int) -> tf.data.Dataset:
+                      worker_index: int, uniform: bool = False) -> tf.data.Dataset:
     """Per-step plans ``(round contents, image offsets [P*K], lengths [P*K], labels [P*K],
-    augmentation draws [P*K, 6], step)`` from step `start_step` on (see the module doc)."""
+    augmentation draws [P*K, 6], step)`` from step `start_step` on (see the module doc).
+
+    `uniform` (``data.sampling: uniform``): P*K distinct records of the round instead, drawn
+    through a stateless permutation of the round's records (`sampler.TAG_UNIFORM`), so that each
+    record is used about once per round (`plan` must be built with ``uniform=True``)."""
     from mobilenet_embed.data import sampler
 
     files = tf.constant(plan.files)
@@ -254,17 +319,25 @@ def tfrecord_pk_plans(man: Manifest, plan: RoundPlan, p: int, k: int, seed: int,
         rows = tf.gather(kept, tf.argsort(group, stable=True))  # identity-major
         counts = tf.math.bincount(tf.cast(group, tf.int32), minlength=tf.size(uniq), dtype=tf.int64)
         return g, content, tf.gather(pos, rows), tf.gather(tf.gather(rec_len, records), rows), uniq, counts, \
-            tf.cumsum(counts, exclusive=True)
+            tf.cumsum(counts, exclusive=True), tf.gather(labels, rows)
 
-    def batches_of(g, content, pos, lengths, uniq, counts, offsets):
+    def batches_of(g, content, pos, lengths, uniq, counts, offsets, row_labels):
         begin = tf.where(g == first_round, tf.constant(first_batch, tf.int64), tf.constant(0, tf.int64))
 
         def one(b):
             step = g * batches + b
+            if uniform:
+                n = tf.size(row_labels, out_type=tf.int64)  # >= P*K (RoundPlan): the slots are distinct
+                slots = (b * p * k + tf.range(p * k, dtype=tf.int64)) % n
+                rows = tf.random.experimental.index_shuffle(
+                    slots, sampler.fold_key(seed, sampler.TAG_UNIFORM, worker_index, g), n - 1)
+                key = sampler.fold_key(seed, sampler.TAG_STEP, worker_index, step)
+                return (content, tf.gather(pos, rows), tf.gather(lengths, rows), tf.gather(row_labels, rows),
+                        sampler.image_draws(key, p * k), step)
             ids = sampler.choose_identities(tf.size(uniq, out_type=tf.int64), p, b,
                                             lambda n: sampler.fold_key(seed, sampler.TAG_PASS, worker_index, g, n))
             key = sampler.fold_key(seed, sampler.TAG_STEP, worker_index, step)
-            rows, owners = sampler.pk_plan(offsets, counts, ids, k, key, plan.max_count)
+            rows, owners = sampler.pk_plan(offsets, counts, ids, k, key)
             return (content, tf.gather(pos, rows), tf.gather(lengths, rows), tf.gather(uniq, owners),
                     sampler.image_draws(key, p * k), step)
 
