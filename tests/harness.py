@@ -65,3 +65,27 @@ def run_embedder_test(embedder, model, images: np.ndarray, atol: float) -> np.nd
     np.testing.assert_allclose(embedder.embed(images[3]), out[3:4], atol=1e-5)
     assert embedder.embed(images[:0]).shape == (0, dim)
     return out
+
+
+def write_identity_jpegs(root, identities: int = 6, per_identity: int = 3, shape=(40, 48),
+                         frame: bool = False, seed: int = 0) -> list[str]:
+    """An identity folder of noisy single-colour JPEGs, ``root/Person_i/Person_i_000j.jpg`` (LFW's
+    names, so LFW pairs files can name them); `frame` inverts the top rows so crops differ.
+    Returns the identity names."""
+    import os
+
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    names = []
+    for i in range(identities):
+        name = f"Person_{i}"
+        os.makedirs(os.path.join(root, name))
+        base = rng.integers(0, 255, (1, 1, 3))
+        for j in range(per_identity):
+            img = np.clip(base + rng.normal(0, 30, (*shape, 3)), 0, 255).astype("uint8")
+            if frame:
+                img[:6] = 255 - img[:6]
+            Image.fromarray(img).save(os.path.join(root, name, f"{name}_{j + 1:04d}.jpg"))
+        names.append(name)
+    return names

@@ -19,7 +19,7 @@ from PIL import Image
 
 from mobilenet_embed.cli import main
 from mobilenet_embed.config import config_to_dict, load_config
-from harness import random_images, tiny_model
+from harness import random_images, tiny_model, write_identity_jpegs
 
 SIZE = 32
 RUN_SETS = [f"data.image_size={SIZE}", "model.alpha=0.25", "model.embedding_size=16", "data.crop_fraction=0.8",
@@ -38,14 +38,7 @@ def run(tmp_path_factory):
 def faces(tmp_path_factory):
     """6 identities x 3 coloured 40x48 JPEGs, and two LFW View 2 files of 2 folds x 4 pairs."""
     root = tmp_path_factory.mktemp("faces")
-    rng = np.random.default_rng(0)
-    for i in range(6):
-        name = f"Person_{i}"
-        os.makedirs(root / name)
-        base = rng.integers(0, 255, (1, 1, 3))
-        for j in range(3):
-            img = np.clip(base + rng.normal(0, 30, (40, 48, 3)), 0, 255).astype("uint8")
-            Image.fromarray(img).save(root / name / f"{name}_{j + 1:04d}.jpg")
+    write_identity_jpegs(root, frame=False)
     for fname, offset in (("a.txt", 0), ("b.txt", 2)):
         lines = ["2\t2"]
         for fold in range(2):
@@ -158,7 +151,7 @@ def test_pairs_file_given_does_not_inherit_the_configs_folds(run, faces, tmp_pat
     common = ["--config", config, "--checkpoint", run, "--pairs-root", faces]
     result, metrics = _eval(tmp_path, *common)  # the config's own file: its fold selection holds
     assert result.exit_code == 0, result.output
-    assert metrics["n_pairs"] == 4 and f"a.txt, folds 2 (eval.pairs_folds): 4 pairs" in result.output
+    assert metrics["n_pairs"] == 4 and "a.txt, folds 2 (eval.pairs_folds): 4 pairs" in result.output
     other = os.path.join(faces, "b.txt")
     result, metrics = _eval(tmp_path, *common, "--pairs", other)
     assert result.exit_code == 0, result.output

@@ -14,6 +14,15 @@ def _people(counts):
     return {f"p{i}": [f"p{i}/p{i}_{k + 1:04d}.jpg" for k in range(n)] for i, n in enumerate(counts)}
 
 
+def _files(root, people):
+    """Create `people`'s files (empty stand-ins) under `root`; their absolute paths."""
+    for name, paths in people.items():
+        (root / name).mkdir()
+        for p in paths:
+            (root / p).write_bytes(b"x")
+    return {n: [str(root / p) for p in ps] for n, ps in people.items()}
+
+
 def test_exhaustive_pairs_every_same_pair_under_the_cap_and_as_many_different():
     people = _people([2, 3, 4, 1, 1, 30])  # 1 + 3 + 6 + 0 + 0 + 435 same pairs possible
     pairs = exhaustive_pairs(people, max_same_per_identity=20, n_folds=10, seed=0)
@@ -36,12 +45,7 @@ def test_exhaustive_pairs_every_same_pair_under_the_cap_and_as_many_different():
 
 
 def test_exhaustive_pairs_round_trip_through_a_pairs_file(tmp_path):
-    people = _people([3, 4, 5, 2, 2])
-    for name, paths in people.items():
-        (tmp_path / name).mkdir()
-        for p in paths:
-            (tmp_path / p).write_bytes(b"x")
-    absolute = {n: [str(tmp_path / p) for p in ps] for n, ps in people.items()}
+    absolute = _files(tmp_path, _people([3, 4, 5, 2, 2]))
     pairs = exhaustive_pairs(absolute, n_folds=2, seed=3)
     assert write_pairs(pairs, tmp_path / "pairs.txt", tmp_path, n_folds=2) == "lfw"
     back = read_pairs(str(tmp_path / "pairs.txt"), str(tmp_path))
@@ -79,12 +83,7 @@ def test_recrop_image_keeps_the_size_and_moves_the_content():
 
 def test_read_pairs_needs_only_the_images_of_the_chosen_folds(tmp_path):
     """A copy of one fold's images (a re-cropped or aligned set) evaluates that fold of pairs.txt."""
-    people = _people([3, 3, 3, 3, 5, 2])
-    for name, paths in people.items():
-        (tmp_path / name).mkdir()
-        for p in paths:
-            (tmp_path / p).write_bytes(b"x")
-    absolute = {n: [str(tmp_path / p) for p in ps] for n, ps in people.items()}
+    absolute = _files(tmp_path, _people([3, 3, 3, 3, 5, 2]))
     pairs = exhaustive_pairs(absolute, n_folds=2, seed=0)
     write_pairs(pairs, tmp_path / "pairs.txt", tmp_path, n_folds=2)
     used_by_fold2 = {path for p in pairs if p.fold == 2 for path in (p.path_a, p.path_b)}

@@ -10,13 +10,11 @@ import json
 import os
 import shutil
 
-import numpy as np
 import pytest
 
 tf = pytest.importorskip("tensorflow")
 
 from click.testing import CliRunner  # noqa: E402
-from PIL import Image  # noqa: E402
 
 from mobilenet_embed import preprocessing_metadata as pm  # noqa: E402
 from mobilenet_embed.cli import main  # noqa: E402
@@ -24,7 +22,7 @@ from mobilenet_embed.config import load_config  # noqa: E402
 from mobilenet_embed.embedders import load_embedder  # noqa: E402
 from mobilenet_embed.errors import UserError  # noqa: E402
 from mobilenet_embed.export_formats import export_saved_model, export_tflite  # noqa: E402
-from harness import tiny_model  # noqa: E402
+from harness import tiny_model, write_identity_jpegs  # noqa: E402
 
 SIZE = 32
 
@@ -44,15 +42,7 @@ def exported(tmp_path_factory):
 def faces(tmp_path_factory):
     """6 identities x 3 images of 40x48 JPEGs, each identity a colour, with a frame so crops differ."""
     root = tmp_path_factory.mktemp("faces")
-    rng = np.random.default_rng(0)
-    for i in range(6):
-        name = f"Person_{i}"
-        os.makedirs(root / name)
-        base = rng.integers(0, 255, (1, 1, 3))
-        for j in range(3):
-            img = np.clip(base + rng.normal(0, 30, (40, 48, 3)), 0, 255).astype("uint8")
-            img[:6] = 255 - img[:6]
-            Image.fromarray(img).save(root / name / f"{name}_{j + 1:04d}.jpg")
+    write_identity_jpegs(root, frame=True)
     pairs = root / "pairs.txt"
     lines = ["2\t2"]
     for fold in range(2):
