@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any, Optional, Protocol, runtime_checkable
 import numpy as np
 
 from mobilenet_embed.errors import UserError
+from mobilenet_embed.quiet import quiet_native
 
 if TYPE_CHECKING:
     import keras
@@ -237,7 +238,8 @@ class TFLiteEmbedder(_BatchedEmbedder):
         self.path = str(path)
         self.num_threads = num_threads
         try:
-            self.interpreter = Interpreter(model_path=self.path, num_threads=num_threads)
+            with quiet_native():  # the interpreter's native INFO lines on fd 2
+                self.interpreter = Interpreter(model_path=self.path, num_threads=num_threads)
         except (ValueError, RuntimeError) as exc:
             raise UserError(f"{self.path}: cannot load TFLite model: {str(exc).splitlines()[0]}") from None
         inputs = self.interpreter.get_input_details()
@@ -271,7 +273,8 @@ class TFLiteEmbedder(_BatchedEmbedder):
             if self.dynamic_batch:
                 self.interpreter.resize_tensor_input(
                     self._in["index"], [n, self.image_size, self.image_size, 3], strict=True)
-            self.interpreter.allocate_tensors()
+            with quiet_native():  # "INFO: Created TensorFlow Lite XNNPACK delegate for CPU."
+                self.interpreter.allocate_tensors()
         self._batch = n
 
     def _quantize(self, batch: np.ndarray) -> np.ndarray:

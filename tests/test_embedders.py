@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -91,3 +95,18 @@ def test_keras_model_export_savedmodel_is_accepted(models, tmp_path):
     embedder = load_embedder(str(tmp_path / "plain"))
     np.testing.assert_allclose(embedder.embed(images[:3]), model(images[:3], training=False).numpy(),
                                atol=1e-5)
+
+
+def test_tflite_embedder_keeps_the_interpreters_chatter_off_stderr(models):
+    """LiteRT prints "INFO: Created TensorFlow Lite XNNPACK delegate for CPU." on fd 2 at the first
+    allocation of a process: a fresh process shows whether mbembed lets it through."""
+    _, paths, _ = models
+    code = ("import numpy as np; from mobilenet_embed.embedders import load_embedder; "
+            f"e = load_embedder({paths['float32']!r}); "
+            f"print(e.embed(np.zeros((2, {SIZE}, {SIZE}, 3), np.float32)).shape)")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "(2, 8)" in done.stdout
+    assert "XNNPACK" not in done.stderr and "INFO:" not in done.stderr, done.stderr
