@@ -45,18 +45,13 @@ def quiet_tensorflow() -> None:
     if "TF_CPP_MIN_LOG_LEVEL" in os.environ or "tensorflow" in sys.modules:
         return
     os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
-    sys.stderr.flush()
-    saved = os.dup(2)
-    try:
-        with open(os.devnull, "w") as devnull:
-            os.dup2(devnull.fileno(), 2)
-            try:
-                import tensorflow  # noqa: F401
-            except Exception:  # pragma: no cover - shown again when the command imports it
-                pass
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
+    from mobilenet_embed.quiet import captured_fd2
+
+    with captured_fd2():
+        try:
+            import tensorflow  # noqa: F401
+        except Exception:  # pragma: no cover - shown again when the command imports it
+            pass
 
 
 @click.group(cls=ErrorHandlingGroup, context_settings={"help_option_names": ["-h", "--help"]})

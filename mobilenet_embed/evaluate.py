@@ -200,7 +200,8 @@ def _evaluate_into(cfg: Config, source: str, root: str, pairs: Optional[str], ou
     data_cfg = dataclasses.replace(model_data_config(cfg, embedder, log), source="folder", path=root,
                                    augment=False)
     crop = data_cfg.crop_fraction
-    batches, counts = aligned_source(data_cfg, align, cfg.eval.batch_size, log)
+    # the pairs' images were decode-checked when the pairs were read (drop_unreadable_pairs) or drawn
+    batches, counts = aligned_source(data_cfg, align, cfg.eval.batch_size, log, check=False)
     n_images = len({p for pair in pair_list for p in (pair.path_a, pair.path_b)})
     log(f"embedding {n_images} images of {len(pair_list)} pairs with {embedder.kind} model {source} "
         f"({embedder.image_size}x{embedder.image_size}, crop {crop:g}{', flip' if cfg.eval.flip else ''}"
