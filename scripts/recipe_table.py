@@ -10,7 +10,8 @@ Sets (all of people never trained on: configs/lfw*.yaml train on folds 1-9 of pe
   tight, loose, shift  the fold-10 pairs on re-cropped copies of the images
            (scripts/make_recrop_set.py --out RECROP; skipped when --recrop is not given).
 Each run is evaluated with its own run config (`mbembed eval --config RUN/config.yaml --checkpoint
-RUN`: its best checkpoint);
+RUN`: its best checkpoint, chosen on fold 10 during training, so its fold-10 figure is optimistic;
+``--final``: the run's last checkpoint instead, chosen by nothing);
 runs named in --align are evaluated with `--align` on raw photos (--raw-root for fold10 and
 heldout), each aligned on the fly. The accuracy
 is the 10-fold LFW accuracy (mean +- std over folds). MBEMBED overrides the command.
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -36,8 +38,19 @@ def _sets(recrop: str | None, root: list[str]) -> list[tuple[str, list[str]]]:
     return sets
 
 
-def _evaluate(mbembed: list[str], run: str, extra: list[str], out: str) -> dict:
-    cmd = mbembed + ["eval", "--config", os.path.join(run, "config.yaml"), "--checkpoint", run, "--out", out] + extra
+def last_checkpoint(run: str) -> str:
+    """The run's checkpoint of the highest step (`checkpoints/ckpt-N`)."""
+    folder = os.path.join(run, "checkpoints")
+    steps = sorted((int(m.group(1)), name) for name in os.listdir(folder)
+                   if (m := re.fullmatch(r"ckpt-(\d+)", name)))
+    if not steps:
+        sys.exit(f"{folder}: no ckpt-N checkpoint")
+    return os.path.join(folder, steps[-1][1])
+
+
+def _evaluate(mbembed: list[str], run: str, checkpoint: str, extra: list[str], out: str) -> dict:
+    cmd = mbembed + ["eval", "--config", os.path.join(run, "config.yaml"), "--checkpoint", checkpoint,
+                     "--out", out] + extra
     print("$", " ".join(shlex.quote(c) for c in cmd), flush=True)
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode:
@@ -53,6 +66,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--align", nargs="*", default=[], help="runs to evaluate with --align, on raw photos")
     parser.add_argument("--raw-root", default="../shared/data/lfw/images_deepfunneled",
                         help="the raw photos of fold10/heldout for --align runs")
+    parser.add_argument("--final", action="store_true",
+                        help="evaluate each run's last checkpoint, not its best (chosen on fold 10)")
     parser.add_argument("--out", default="results/recipes/table.json")
     args = parser.parse_args(argv)
     mbembed = shlex.split(os.environ.get("MBEMBED", "mbembed"))
@@ -61,8 +76,8 @@ def main(argv: list[str]) -> int:
         aligned = run in args.align
         extra = ["--align"] if aligned else []
         for name, set_args in _sets(args.recrop, ["--pairs-root", args.raw_root] if aligned else []):
-            out = os.path.join(run, "eval_sets", name)
-            m = _evaluate(mbembed, run, set_args + extra, out)
+            out = os.path.join(run, "eval_sets" + ("_final" if args.final else ""), name)
+            m = _evaluate(mbembed, run, last_checkpoint(run) if args.final else run, set_args + extra, out)
             table.setdefault(run, {})[name] = {k: m.get(k) for k in ("accuracy", "accuracy_std", "auc", "eer")}
             table[run][name]["pairs"] = m["n_pairs"]
     if not table:
