@@ -142,6 +142,24 @@ def test_export_applies_set_crop_and_records_it_in_the_files(run, tmp_path):
     assert "note: --set data.synthetic_identities=4 overrides" in result.output  # every key applied is said
 
 
+@pytest.mark.parametrize("text, problem", [
+    ("data: [unclosed\n", ":2: not valid YAML: expected ',' or ']'"),
+    ("model:\n  alpha: 0.25\n  alpha: 0.5\n", ":3: not valid YAML: duplicate key 'alpha' (first given on line 2)"),
+    ("- a list\n", ": the checkpoint's run config is a list, not a mapping of settings"),
+])
+def test_corrupt_run_config_of_a_checkpoint_is_one_line_as_a_config_file(faces, tmp_path, text, problem):
+    """The run's config.yaml is read as a --config file is (`config.read_yaml_file`)."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(text)
+    (run / "model.keras").write_bytes(b"never loaded")
+    result, _ = _eval(tmp_path, "--checkpoint", run, "--pairs-root", faces, "--make-pairs", "4")
+    assert result.exit_code == 2, result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert errors == [line for line in result.output.splitlines() if line.strip()], result.output
+    assert len(errors) == 1 and errors[0].startswith(f"Error: {run / 'config.yaml'}{problem}"), errors
+
+
 # --------------------------------------------------------------------------- --pairs vs eval.pairs_folds
 
 
