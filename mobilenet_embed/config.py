@@ -358,6 +358,24 @@ def parse_yaml(stream: Any) -> Any:
     return yaml.load(stream, Loader=StrictSafeLoader)  # noqa: S506 - a SafeLoader subclass
 
 
+def read_yaml_file(path: str | os.PathLike) -> Any:
+    """The values of the YAML file at `path` (`parse_yaml`: duplicate keys refused); a one-line
+    `UserError` naming the file, and the line when YAML gives one, when it cannot be read or parsed."""
+    source = str(path)
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return parse_yaml(fh)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{source}:{mark.line + 1}" if mark is not None else source
+        problem = getattr(exc, "problem", None) or exc.__class__.__name__
+        raise UserError(f"{where}: not valid YAML: {problem}") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{source}: not a text (UTF-8) file") from None
+    except OSError as exc:
+        raise UserError(f"{source}: cannot read: {exc.strerror or exc}") from None
+
+
 def _describe(value: Any) -> str:
     return repr(value)
 
@@ -518,16 +536,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
         source = str(path)
         if not os.path.isfile(path):
             raise UserError(f"{source}: config file not found")
-        try:
-            with open(path, encoding="utf-8") as fh:
-                data = parse_yaml(fh)
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f"{source}:{mark.line + 1}" if mark is not None else source
-            problem = getattr(exc, "problem", None) or exc.__class__.__name__
-            raise UserError(f"{where}: not valid YAML: {problem}") from None
-        except UnicodeDecodeError:
-            raise UserError(f"{source}: not a text (UTF-8) file") from None
+        data = read_yaml_file(path)
         if data is None:
             data = {}
         if not isinstance(data, dict):

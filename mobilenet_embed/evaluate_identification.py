@@ -74,9 +74,12 @@ def evaluate_identification(cfg: Config, checkpoint: Optional[str] = None, model
                             protocol: Optional[str] = None, data: Optional[str] = None,
                             out_dir: Optional[str] = None, make_protocol: bool = False,
                             gallery_per_identity: int = 1, gallery_mode: str = "images",
-                            fpir_targets: Sequence[float] = FPIR_TARGETS,
+                            fpir_targets: Sequence[float] = FPIR_TARGETS, align: bool = False,
                             log: Callable[[str], None] = lambda line: None) -> IdentificationResult:
-    """Identification metrics of a checkpoint or exported model on a protocol (see the module doc)."""
+    """Identification metrics of a checkpoint or exported model on a protocol (see the module doc).
+    `align`: the images are raw photos, aligned on the fly as `mbembed enroll --align` does
+    (`gallery.load_model`); photos without a face are centre-cropped and counted in
+    ``identification.json["align"]``."""
     from mobilenet_embed.evaluate import _default_out_dir
     from mobilenet_embed.atomic import atomic_write
     from mobilenet_embed.gallery import Gallery, add_to_gallery, embed_images, load_model
@@ -94,15 +97,18 @@ def evaluate_identification(cfg: Config, checkpoint: Optional[str] = None, model
     proto, protocol_dir = resolve_protocol(cfg, root, protocol, make_protocol, gallery_per_identity, out_dir, log)
 
     source = checkpoint or model
-    loaded = load_model(cfg, source)
+    loaded = load_model(cfg, source, align=align, log=log)
     everything = [p for _, p in proto.gallery + proto.probes + proto.distractors]
     unique = list(dict.fromkeys(everything))
     info = loaded.info
     log(f"embedding {len(unique)} images with {info['kind']} model {source} ({info['image_size']}x"
-        f"{info['image_size']}, crop {info['crop_fraction']:g}{', flip' if info['flip'] else ''})")
+        f"{info['image_size']}, crop {info['crop_fraction']:g}{', flip' if info['flip'] else ''}"
+        f"{', aligned on the fly' if align else ''})")
     start = time.perf_counter()
     emb = embed_images(loaded, unique, cfg.eval.batch_size)
     seconds = time.perf_counter() - start
+    if loaded.align_counts is not None:
+        log(loaded.align_line())
     by_path = dict(zip(unique, emb))
 
     gallery = Gallery(np.zeros((0, info["embedding_size"]), np.float32), [], gallery_mode, info)
@@ -119,7 +125,7 @@ def evaluate_identification(cfg: Config, checkpoint: Optional[str] = None, model
                     "protocol": protocol_dir, "image_root": root, "gallery_mode": gallery_mode,
                     "n_gallery_images": len(proto.gallery), "distance": info["distance"],
                     "image_size": info["image_size"], "crop_fraction": info["crop_fraction"], "flip": info["flip"],
-                    "n_images": len(unique), "seconds": round(seconds, 2)})
+                    "n_images": len(unique), "seconds": round(seconds, 2), "align": loaded.align_summary()})
     det = det_curve(dist, labels)
     files = {name: os.path.join(out_dir, name) for name in
              ("identification.json", "cmc.png", "det.png", "probe_ranks.csv")}

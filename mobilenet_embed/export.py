@@ -88,9 +88,11 @@ def check_export_folder(out_dir: str, force: bool) -> str:
 @contextlib.contextmanager
 def _scratch_dir(target: str) -> Iterator[str]:
     """``.tmp-export-<name>-<pid>/`` beside `target`, removed afterwards; those of dead processes
-    go first."""
+    go first. A folder that cannot be made (read-only, full, forbidden) is a `UserError` from
+    `atomic.writing`: ``<folder>: cannot write: <reason>``."""
     parent, name = os.path.dirname(target), os.path.basename(target)
-    os.makedirs(parent, exist_ok=True)
+    with atomic.writing(parent):
+        os.makedirs(parent, exist_ok=True)
     pattern = re.compile(re.escape(f"{SCRATCH_PREFIX}{name}-") + r"(\d+)")
     for entry in os.listdir(parent):
         match = pattern.fullmatch(entry)
@@ -98,11 +100,8 @@ def _scratch_dir(target: str) -> Iterator[str]:
             shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
     tmp = _scratch_name(target, os.getpid())
     atomic.remove(tmp)
-    try:
+    with atomic.writing(tmp):
         os.makedirs(tmp)
-    except OSError as exc:
-        raise UserError(f"--out {target}: cannot create the scratch folder {tmp}: "
-                        f"{exc.strerror or exc}") from None
     try:
         yield tmp
     finally:

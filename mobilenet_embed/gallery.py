@@ -180,16 +180,34 @@ class LoadedModel:
     embedder: object
     info: dict  # path, kind, sha256, image_size, crop_fraction, flip, embedding_size, distance
     data_cfg: object  # DataConfig that preprocesses images for it
+    batches: Optional[Callable] = None  # paths -> aligned batches (`aligned_source`), None: images as they are
+    align_counts: Optional[object] = None  # `AlignCounts` of the images aligned so far
+
+    def align_line(self) -> Optional[str]:
+        """What on-the-fly alignment did (`align.inference.align_line`), None without --align."""
+        from mobilenet_embed.align.inference import align_line
+
+        return None if self.align_counts is None else align_line(self.align_summary())
+
+    def align_summary(self) -> Optional[dict]:
+        """`align.inference.align_summary` of the images aligned so far, None without --align."""
+        from mobilenet_embed.align.inference import align_summary
+
+        return None if self.align_counts is None else align_summary(self.data_cfg, self.align_counts)
 
 
-def load_model(cfg: "Config", path: str, recorded: Optional[dict] = None,
-               flip: Optional[bool] = None) -> LoadedModel:
+def load_model(cfg: "Config", path: str, recorded: Optional[dict] = None, flip: Optional[bool] = None,
+               align: bool = False, log: Callable[[str], None] = lambda line: None) -> LoadedModel:
     """The embedder at `path` (anything `mbembed eval` takes) with its preprocessing.
 
     With `recorded` (a gallery's ``model``), crop, flip and distance are the gallery's. Else the
     crop is the model's own (a run's config, an export report), else ``data.crop_fraction``;
-    `flip` defaults to ``eval.flip``; the distance is ``eval.distance``.
+    `flip` defaults to ``eval.flip``; the distance is ``eval.distance``. `align`: the images are
+    raw photos, aligned on the fly to the template the model records (`model_data_config`,
+    `align.inference.aligned_source`, as `mbembed eval --align`); photos without a face are
+    centre-cropped and counted (`LoadedModel.align_line`).
     """
+    from mobilenet_embed.align.inference import aligned_source
     from mobilenet_embed.embedders import load_embedder
 
     embedder = load_embedder(path, cfg, batch_size=cfg.eval.batch_size)
@@ -206,8 +224,24 @@ def load_model(cfg: "Config", path: str, recorded: Optional[dict] = None,
             "crop_fraction": float(crop), "flip": bool(flip), "embedding_size": int(embedder.embedding_size),
             "distance": distance}
     data_cfg = dataclasses.replace(cfg.data, source="folder", image_size=embedder.image_size,
-                                   crop_fraction=float(crop), augment=False)
-    return LoadedModel(embedder, info, data_cfg)
+                                   crop_fraction=float(crop), augment=False,
+                                   **_model_alignment(cfg, embedder, align, log))
+    batches, counts = aligned_source(data_cfg, align, cfg.eval.batch_size, log)
+    return LoadedModel(embedder, info, data_cfg, batches, counts)
+
+
+def _model_alignment(cfg: "Config", embedder, align: bool, log: Callable[[str], None]) -> dict:
+    """``data.align_*`` of the model: with `align`, those `mbembed eval --align` uses
+    (`model_data_config`: the model's record, ``--set`` applied); without, the record's (for the
+    note that the model expects aligned faces), else the config's."""
+    from mobilenet_embed.preprocessing_metadata import model_data_config
+
+    keys = ("align_template", "align_size", "align_select")
+    if align:
+        wanted = model_data_config(cfg, embedder, log)
+        return {k: getattr(wanted, k) for k in keys}
+    recorded = getattr(embedder, "recorded", None) or {}
+    return {k: recorded[k] if k in recorded else getattr(cfg.data, k) for k in keys}
 
 
 def embed_images(loaded: LoadedModel, paths: Sequence[str], batch_size: int = 64) -> np.ndarray:
@@ -215,7 +249,7 @@ def embed_images(loaded: LoadedModel, paths: Sequence[str], batch_size: int = 64
     from mobilenet_embed.verification import embed_paths
 
     return embed_paths(loaded.embedder, loaded.data_cfg, list(paths), batch_size,
-                       flip=loaded.info["flip"])
+                       flip=loaded.info["flip"], batches=loaded.batches)
 
 
 def check_same_model(recorded: dict, info: dict, where: str) -> None:
@@ -241,6 +275,7 @@ class EnrollResult:
     n_rows: int
     n_identities: int
     seconds: float
+    align: Optional[dict] = None  # `align_summary` of the images aligned by this call (--align)
 
 
 def _collect_folder(root: str) -> list[tuple[str, str]]:
@@ -300,13 +335,16 @@ def add_to_gallery(gallery: Gallery, items: Sequence[tuple[str, str]], embedding
 
 
 def enroll(cfg: "Config", model: str, index: str, data: Optional[str] = None, embeddings: Optional[str] = None,
-           mode: Optional[str] = None, log: Callable[[str], None] = lambda line: None) -> EnrollResult:
+           mode: Optional[str] = None, align: bool = False,
+           log: Callable[[str], None] = lambda line: None) -> EnrollResult:
     """Enrol the identity folder `data` (or the `export embeddings` folder `embeddings`) into the
     gallery `index`, creating it or appending to it (the model must be the gallery's).
 
     Images already enrolled (same path) are skipped and counted; nothing already enrolled is
     re-embedded. `mode` (``images`` | ``templates``) applies to a new gallery (default images)
-    and must match an existing one.
+    and must match an existing one. `align`: the images are raw photos, aligned on the fly
+    (`load_model`; with `embeddings`, the images re-embedded by the spot check); what alignment
+    did goes to `log` and the result's `align`.
     """
     start = time.perf_counter()
     if (data is None) == (embeddings is None):
@@ -321,7 +359,7 @@ def enroll(cfg: "Config", model: str, index: str, data: Optional[str] = None, em
         raise UserError(f"--embeddings {embeddings}: export embeddings are not flip-averaged, but the gallery "
                         f"{index} is (eval.flip); enrol images with --data instead")
     loaded = load_model(cfg, model, recorded=gallery.model if gallery is not None else None,
-                        flip=False if embeddings is not None else None)
+                        flip=False if embeddings is not None else None, align=align, log=log)
     if gallery is not None:
         check_same_model(gallery.model, loaded.info, f"mbembed enroll --out {index}")
     else:
@@ -351,8 +389,10 @@ def enroll(cfg: "Config", model: str, index: str, data: Optional[str] = None, em
         new_ids = 0
         if not existing:
             raise UserError(f"--data {data}: no images to enrol")
+    if loaded.align_counts is not None:
+        log(loaded.align_line())
     return EnrollResult(index, len(items), new_ids, skipped, len(gallery.rows), len(gallery.identities()),
-                        time.perf_counter() - start)
+                        time.perf_counter() - start, loaded.align_summary())
 
 
 def _spot_check(loaded: LoadedModel, emb: np.ndarray, items: list, folder: str, batch_size: int) -> None:
@@ -429,20 +469,24 @@ def search_embeddings(gallery: Gallery, queries: np.ndarray, names: Sequence[str
 
 
 def search_images(cfg: "Config", index: str, images: Sequence[str], model: Optional[str] = None,
-                  top_k: int = 5, threshold: Optional[float] = None, backend: str = "numpy"
+                  top_k: int = 5, threshold: Optional[float] = None, backend: str = "numpy",
+                  align: bool = False, log: Callable[[str], None] = lambda line: None
                   ) -> tuple[list[QueryResult], Gallery]:
     """Embed query image files with the gallery's model (or `model`, which must have the same
-    fingerprint) and search the gallery `index`."""
+    fingerprint) and search the gallery `index`. `align`: the queries are raw photos, aligned on
+    the fly (`load_model`); what alignment did goes to `log`."""
     gallery = load_gallery(index)
     if not gallery.rows:
         raise UserError(f"{index}: the gallery is empty")
     path = model or gallery.model["path"]
     if model is None and not os.path.exists(path):
         raise UserError(f"{index}: the gallery's model {path} is gone; give --model PATH (the same model)")
-    loaded = load_model(cfg, path, recorded=gallery.model)  # the gallery's preprocessing
+    loaded = load_model(cfg, path, recorded=gallery.model, align=align, log=log)  # the gallery's preprocessing
     check_same_model(gallery.model, loaded.info, f"mbembed search --index {index}")
     paths = expand_images(images)
     queries = embed_images(loaded, paths, cfg.eval.batch_size)
+    if loaded.align_counts is not None:
+        log(loaded.align_line())
     return search_embeddings(gallery, queries, paths, top_k, threshold, backend), gallery
 
 

@@ -142,6 +142,24 @@ def test_export_applies_set_crop_and_records_it_in_the_files(run, tmp_path):
     assert "note: --set data.synthetic_identities=4 overrides" in result.output  # every key applied is said
 
 
+@pytest.mark.parametrize("text, problem", [
+    ("data: [unclosed\n", ":2: not valid YAML: expected ',' or ']'"),
+    ("model:\n  alpha: 0.25\n  alpha: 0.5\n", ":3: not valid YAML: duplicate key 'alpha' (first given on line 2)"),
+    ("- a list\n", ": the checkpoint's run config is a list, not a mapping of settings"),
+])
+def test_corrupt_run_config_of_a_checkpoint_is_one_line_as_a_config_file(faces, tmp_path, text, problem):
+    """The run's config.yaml is read as a --config file is (`config.read_yaml_file`)."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(text)
+    (run / "model.keras").write_bytes(b"never loaded")
+    result, _ = _eval(tmp_path, "--checkpoint", run, "--pairs-root", faces, "--make-pairs", "4")
+    assert result.exit_code == 2, result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert errors == [line for line in result.output.splitlines() if line.strip()], result.output
+    assert len(errors) == 1 and errors[0].startswith(f"Error: {run / 'config.yaml'}{problem}"), errors
+
+
 # --------------------------------------------------------------------------- --pairs vs eval.pairs_folds
 
 
@@ -235,3 +253,61 @@ def test_export_pairs_file_does_not_inherit_the_configs_folds(run, faces, tmp_pa
     assert "note: eval.pairs_folds [2] selects folds of the config's eval.pairs" in result.output
     report = json.loads((out / "export_report.json").read_text())
     assert report["pairs"]["n_pairs"] == 8 and report["pairs"]["pairs_folds"] is None, report["pairs"]
+
+
+def test_enroll_search_and_identification_align_raw_photos(run, photos, tmp_path):
+    """`enroll --align`, `search --align` and `eval --protocol identification --align` align as
+    `eval --align` does (`gallery.load_model` -> `aligned_source`): faces not found are counted."""
+    from mobilenet_embed.align.alignment import AlignSpec, align_images, decode_file
+    from mobilenet_embed.data import preprocess_images
+    from mobilenet_embed.embedders import load_embedder
+
+    index = tmp_path / "gallery"
+    result = _invoke("enroll", "--model", run, "--data", photos, "--out", index, "--align",
+                     "--set", "eval.flip=false")
+    assert result.exit_code == 0, result.output
+    assert "alignment (arcface 64): aligned 2, no face 1 (centre-cropped, e.g. " in result.output
+    meta = json.loads((index / "gallery.json").read_text())
+    emb = np.load(index / meta["embeddings_file"])
+    first = os.path.join(photos, "Eileen_Collins", "Eileen_Collins_0001.png")
+    row = [r["sources"] for r in meta["rows"]].index([os.path.abspath(first)])
+    crop = align_images([decode_file(first)], AlignSpec(size=64, template="arcface"))[0].image
+    expected = load_embedder(run).embed(preprocess_images(crop[None], SIZE, 0.8).numpy())
+    np.testing.assert_allclose(emb[row], expected[0], atol=1e-5)  # the aligned face, as eval --align
+
+    moved = os.path.join(photos, "Eileen_Collins", "Eileen_Collins_0002.png")
+    result = _invoke("search", "--index", index, moved, "--align", "--format", "jsonl", "--top-k", "1")
+    assert result.exit_code == 0, result.output
+    assert "alignment (arcface 64): aligned 1, no face 0 (centre-cropped), several faces 0" in result.output
+    assert '"identity": "Eileen_Collins"' in result.output
+
+    out = tmp_path / "ident"
+    result = _invoke("eval", "--protocol", "identification", "--checkpoint", run, "--pairs-root", photos,
+                     "--make-id-protocol", "--out", out, "--align")
+    assert result.exit_code == 0, result.output
+    align = json.loads((out / "identification.json").read_text())["align"]
+    assert (align["template"], align["size"], align["aligned"], align["no_face"]) == ("arcface", 64, 2, 1)
+    assert "alignment (arcface 64): aligned 2, no face 1 (centre-cropped, e.g. " in result.output
+
+
+def test_enroll_align_needs_a_template_in_the_models_record(faces, tmp_path):
+    model = tmp_path / "m.keras"
+    tiny_model(SIZE, embedding_size=16).save(model)
+    result = _invoke("enroll", "--model", model, "--data", faces, "--out", tmp_path / "g", "--align")
+    assert result.exit_code == 2
+    assert "Error: --align: the model records no alignment (data.align_template: null)" in result.output
+    assert not (tmp_path / "g").exists()
+
+
+def test_enroll_embeddings_of_an_aligned_export_spot_checks_with_align(run, photos, tmp_path):
+    """The spot check re-embeds images of the export as it was made: with --align, aligned."""
+    emb = tmp_path / "emb"
+    result = _invoke("export", "embeddings", "--checkpoint", run, "--data", photos, "--out", emb,
+                     "--no-progress", "--align")
+    assert result.exit_code == 0, result.output
+    result = _invoke("enroll", "--model", run, "--embeddings", emb, "--out", tmp_path / "g1")
+    assert result.exit_code == 2 and "not made by" in result.output  # raw photos not aligned: refused
+    result = _invoke("enroll", "--model", run, "--embeddings", emb, "--out", tmp_path / "g2", "--align")
+    assert result.exit_code == 0, result.output
+    assert "enrolled 3 images (2 new identities)" in result.output
+    assert "alignment (arcface 64): aligned 2, no face 1 (centre-cropped, e.g. " in result.output

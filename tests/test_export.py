@@ -230,6 +230,18 @@ def test_full_disk_at_the_savedmodel_is_one_line_and_leaves_nothing(small_disk, 
     assert os.listdir(mnt) == []  # scratch folder removed, no export folder
 
 
+@pytest.mark.parametrize("sub, named", [("out", ".tmp-export-out-"), ("new/out", "new: ")])
+def test_read_only_export_folder_is_one_cannot_write_line(small_disk, cfg, checkpoint, sub, named):
+    """The scratch folder (and a missing parent) beside --out are made through `atomic.writing`:
+    the same ``PATH: cannot write: reason`` as every other write, never a traceback."""
+    mnt, read_only = small_disk
+    read_only()
+    with pytest.raises(UserError, match=r": cannot write: Read-only file system$") as info:
+        export_model(cfg, checkpoint, str(mnt / sub), formats=["saved_model"], latency_runs=1)
+    assert str(info.value).startswith(os.path.join(str(mnt), named)), info.value
+    assert os.listdir(mnt) == []
+
+
 def test_degraded_format_is_left_out_unless_allowed(tmp_path, cfg, checkpoint, monkeypatch):
     monkeypatch.setitem(export_report.TARGETS, "tflite_float16", ("min", 1.01))
     out = tmp_path / "out"

@@ -465,12 +465,14 @@ def test_one_held_out_identity_gets_the_right_advice(per_batch, advice):
 
 
 @pytest.mark.parametrize("text, what", [
-    ("train: [unclosed\n", "is not valid YAML (line"),
-    ("- a list\n- of things\n", "is a list, not a mapping of settings"),
-    ("", "is empty, not a mapping of settings"),
+    ("train: [unclosed\n", ":2: not valid YAML: expected ',' or ']'"),
+    ("train:\n  epochs: 2\n  epochs: 3\n", ":3: not valid YAML: duplicate key 'epochs' (first given on line 2)"),
+    ("- a list\n- of things\n", ": the run's saved config is a list, not a mapping of settings"),
+    ("", ": the run's saved config is empty, not a mapping of settings"),
 ])
 def test_corrupt_run_config_is_refused_before_anything_is_written(tmp_path, text, what):
-    """A resumable run whose config.yaml cannot be read is not overwritten (it guards the resume)."""
+    """A resumable run whose config.yaml cannot be read is not overwritten (it guards the resume);
+    bad YAML and duplicate keys read as in a --config file (`config.read_yaml_file`)."""
     run = tmp_path / "run"
     (run / "checkpoints").mkdir(parents=True)
     saved = run / "config.yaml"
@@ -478,8 +480,8 @@ def test_corrupt_run_config_is_refused_before_anything_is_written(tmp_path, text
     result = CliRunner().invoke(main, ["train", *_sets(TINY), "--run-dir", str(run)])
     assert result.exit_code == 2, result.output
     errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
-    assert len(errors) == 1 and errors[0].startswith(f"Error: {saved}: the run's saved config {what}"), errors
-    assert "--fresh --force" in errors[0]
+    assert len(errors) == 1 and errors[0].startswith(f"Error: {saved}{what}"), errors
+    assert "the run's saved config" in errors[0] and "--fresh --force" in errors[0]
     assert saved.read_text() == text  # untouched
     assert sorted(os.listdir(run)) == ["checkpoints", "config.yaml"] and not os.listdir(run / "checkpoints")
 

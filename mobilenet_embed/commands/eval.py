@@ -68,7 +68,7 @@ def eval_command(cfg: Config, checkpoint: Optional[str], model: Optional[str], p
         from mobilenet_embed.evaluate_identification import evaluate_identification
 
         given = [k for k, v in (("--pairs", pairs), ("--make-pairs", make_pairs), ("--threads", threads),
-                                ("--align", align), ("--strict-pairs", strict_pairs)) if v]
+                                ("--strict-pairs", strict_pairs)) if v]
         if given:
             raise UserError(f"--protocol identification: {', '.join(given)} only apply to verification")
         if gallery_per_identity is not None and not make_id_protocol:
@@ -76,7 +76,7 @@ def eval_command(cfg: Config, checkpoint: Optional[str], model: Optional[str], p
         result = evaluate_identification(cfg, checkpoint=checkpoint, model=model, protocol=id_protocol, data=pairs_root,
                                          out_dir=out_dir, make_protocol=make_id_protocol,
                                          gallery_per_identity=gallery_per_identity or 1,
-                                         gallery_mode=gallery_mode or "images",
+                                         gallery_mode=gallery_mode or "images", align=align,
                                          log=lambda line: click.echo(line, err=True))
         click.echo(result.table())
         click.echo(f"wrote {', '.join(result.files.values())}")

@@ -1,9 +1,9 @@
 """`mbembed enroll`, `mbembed search`, `mbembed gallery show|remove`: a gallery index of identities.
 
-    mbembed enroll --model M --data GALLERY_DIR --out INDEX [--mode images|templates]
+    mbembed enroll --model M --data GALLERY_DIR --out INDEX [--mode images|templates] [--align]
     mbembed enroll --model M --embeddings EXPORT_DIR --out INDEX
     mbembed search --index INDEX IMAGES... [--top-k 5] [--threshold T | --far F [--metrics FILE]
-                   | --fpir F --identification FILE]
+                   | --fpir F --identification FILE] [--align]
     mbembed gallery show --index INDEX
     mbembed gallery remove --index INDEX NAME...
 """
@@ -38,12 +38,15 @@ OUTPUT_FORMATS = ("auto", "table", "jsonl", "csv")
 @click.option("--mode", type=click.Choice(("images", "templates")), default=None,
               help="images: keep every image (an identity scores by its best); templates: one averaged "
                    "embedding per identity. New galleries: images.")
+@click.option("--align", is_flag=True,
+              help="The images are raw photos: detect and align each face as `mbembed align` does, to the "
+                   "model's template (data.align_template / data.align_size); no face: centre-cropped, counted.")
 def enroll_command(cfg: Config, model: str, data: Optional[str], embeddings: Optional[str], index: str,
-                   mode: Optional[str]) -> None:
+                   mode: Optional[str], align: bool) -> None:
     """Enrol people into a gallery index (embeddings, names, sources, model fingerprint)."""
     from mobilenet_embed.gallery import enroll
 
-    result = enroll(cfg, model, index, data=data, embeddings=embeddings, mode=mode,
+    result = enroll(cfg, model, index, data=data, embeddings=embeddings, mode=mode, align=align,
                     log=lambda line: click.echo(line, err=True))
     skipped = f", {result.skipped_duplicates} already enrolled (skipped)" if result.skipped_duplicates else ""
     click.echo(f"enrolled {result.added_images} images ({result.new_identities} new identities){skipped}; "
@@ -138,14 +141,18 @@ def _csv(results) -> str:
               help="Search backend (faiss-*: pip install 'mobilenet-embed[search]').")
 @click.option("--format", "fmt", default="auto", show_default=True, type=click.Choice(OUTPUT_FORMATS),
               help="auto: a table on a terminal, JSON lines otherwise.")
+@click.option("--align", is_flag=True,
+              help="The images are raw photos: detect and align each face as `mbembed align` does, to the "
+                   "model's template (data.align_template / data.align_size); no face: centre-cropped, counted.")
 def search_command(cfg: Config, index: str, images: tuple[str, ...], model: Optional[str], top_k: int,
                    threshold: Optional[float], far: Optional[float], metrics: Optional[str], fpir: Optional[float],
-                   identification: Optional[str], backend: str, fmt: str) -> None:
+                   identification: Optional[str], backend: str, fmt: str, align: bool) -> None:
     """Who is on each image: the top-k enrolled identities, or "unknown" above the threshold."""
     from mobilenet_embed.gallery import search_images
 
     t, how = _resolve_threshold(index, model, threshold, far, metrics, fpir, identification)
-    results, _ = search_images(cfg, index, images, model=model, top_k=top_k, threshold=t, backend=backend)
+    results, _ = search_images(cfg, index, images, model=model, top_k=top_k, threshold=t, backend=backend,
+                               align=align, log=lambda line: click.echo(line, err=True))
     if fmt == "auto":
         fmt = "table" if sys.stdout.isatty() else "jsonl"
     if fmt == "table":

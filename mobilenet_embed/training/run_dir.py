@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from mobilenet_embed import atomic
-from mobilenet_embed.config import Config, config_from_dict, config_to_dict, dump_yaml
+from mobilenet_embed.config import Config, config_from_dict, config_to_dict, dump_yaml, read_yaml_file
 from mobilenet_embed.errors import UserError
 from mobilenet_embed.records import versions
 
@@ -31,33 +31,20 @@ def flatten(data: dict, prefix: str = "") -> dict:
     return out
 
 
-def _yaml_problem(exc: Exception) -> str:
-    """One line for a YAML error: the line and the problem."""
-    mark = getattr(exc, "problem_mark", None)
-    problem = getattr(exc, "problem", None) or str(exc).strip().splitlines()[0]
-    return f"line {mark.line + 1}: {problem}" if mark is not None else problem
-
-
 def read_saved_config(path: str) -> dict:
-    """The mapping of a run's saved ``config.yaml``; `UserError` naming the file when it cannot be
-    read or is not a YAML mapping (it guards a resume, so it must not be silently overwritten)."""
-    import yaml
-
-    advice = ("it guards against resuming with another model, so it is left as it is: repair or remove it "
+    """The mapping of a run's saved ``config.yaml`` (read as a ``--config`` file is:
+    `config.read_yaml_file`); `UserError` naming the file when it cannot be read, is not valid
+    YAML (duplicate keys included) or is not a mapping (it guards a resume, so it must not be
+    silently overwritten)."""
+    guards = ("guards against resuming with another model, so it is left as it is: repair or remove it "
               "to resume, or start over with --fresh --force")
     try:
-        with open(path, encoding="utf-8") as fh:
-            data = yaml.safe_load(fh)
-    except UnicodeDecodeError:
-        raise UserError(f"{path}: the run's saved config is not UTF-8 text; {advice}") from None
-    except OSError as exc:
-        raise UserError(f"{path}: cannot read the run's saved config ({exc.strerror or exc}); {advice}") from None
-    except yaml.YAMLError as exc:
-        raise UserError(f"{path}: the run's saved config is not valid YAML ({_yaml_problem(exc)}); "
-                        f"{advice}") from None
+        data = read_yaml_file(path)
+    except UserError as exc:
+        raise UserError(f"{exc}; the run's saved config {guards}") from None
     if not isinstance(data, dict):
         what = "empty" if data is None else f"a {type(data).__name__}"
-        raise UserError(f"{path}: the run's saved config is {what}, not a mapping of settings; {advice}")
+        raise UserError(f"{path}: the run's saved config is {what}, not a mapping of settings; it {guards}")
     return data
 
 
