@@ -50,6 +50,7 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--dim", type=int, default=128)
     ap.add_argument("--reps", type=int, default=5, help="timed forward+backward calls per case")
     ap.add_argument("--skip-steps", action="store_true", help="only the second table")
+    ap.add_argument("--skip-scales", action="store_true", help="only the first table")
     ap.add_argument("--steps-from", metavar="JSON", help="with --skip-steps: keep the first table of this earlier result")
     ap.add_argument("--case", nargs=2, metavar=("IDENTITIES", "MODE"), help=argparse.SUPPRESS)
     ap.add_argument("--out", default=os.path.join("bench", "heads.json"))
@@ -222,8 +223,9 @@ def main(argv: list[str]) -> dict:
         result["steps"] = measure_steps(args)
         for name, r in result["steps"].items():
             print(f"  {name:18s} {r['median']:8.1f} ms/step  {r['vs_triplet']:5.2f}x triplet")
-    print(f"head forward+backward (ArcFace, batch {args.batch}, D {args.dim}), median of {args.reps}")
-    result["scales"] = measure_scales(args)
+    if not args.skip_scales:
+        print(f"head forward+backward (ArcFace, batch {args.batch}, D {args.dim}), median of {args.reps}")
+        result["scales"] = measure_scales(args)
     if args.out:
         write_result(args.out, result)
     return result
