@@ -26,6 +26,7 @@ import numpy as np
 import tensorflow as tf
 
 from mobilenet_embed.data import decode
+from mobilenet_embed.data.example_encode import encode_example
 from mobilenet_embed.data.index import ImageIndex, inspect_data
 from mobilenet_embed.data.tfrecord import (FORMAT, INDEX_SUFFIX, MANIFEST_SUFFIX, SHARD_RE, VERSION,
                                            manifest_checksum, shard_name)
@@ -42,18 +43,6 @@ def _encoded_bytes(path: str, pillow: bool) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(decode.pillow_decode_file(path)).save(buf, "PNG")
     return buf.getvalue()
-
-
-def _example(image: bytes, label: int, identity: str, relpath: str) -> bytes:
-    feature = {
-        "image": tf.train.Feature(bytes_list=tf.train.BytesList(value=[image])),
-        "label": tf.train.Feature(int64_list=tf.train.Int64List(value=[label])),
-        "identity": tf.train.Feature(bytes_list=tf.train.BytesList(value=[identity.encode("utf-8")])),
-        "path": tf.train.Feature(bytes_list=tf.train.BytesList(value=[relpath.encode("utf-8")])),
-    }
-    # deterministic: map entries sorted by key (protobuf's default order changes from process to
-    # process, so the same data gave different shard bytes on each run)
-    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString(deterministic=True)
 
 
 def assign_shards(counts: np.ndarray, n_shards: int, seed: int) -> list[list[int]]:
@@ -86,6 +75,7 @@ def _outputs(out_prefix: str, shards: int, force: bool) -> tuple[list[str], list
 
 
 _READ_CHUNK = 256  # files read ahead per shard being written
+_BAR_CHUNK = 256  # records per progress-bar update
 
 
 def _relative(path: str, prefix: str, root: str) -> str:
@@ -113,16 +103,22 @@ def _write_shard(readers, index: ImageIndex, rows: list[int], pillow: np.ndarray
             for job in current:
                 yield job.result()
 
+    done = 0
     with tf.io.TFRecordWriter(tmp) as writer:
         for r, blob in zip(rows, blobs()):
             label = int(index.labels[r])
-            record = _example(blob, label, index.identities[label], _relative(index.paths[r], prefix, root))
+            record, image_at = encode_example(blob, label, index.identities[label],
+                                              _relative(index.paths[r], prefix, root))
             writer.write(record)
             # a record is: length (8 bytes), its CRC (4), the data, the data's CRC (4)
-            where.append((at + 12 + record.find(blob), len(blob)))
+            where.append((at + 12 + image_at, len(blob)))
             at += 16 + len(record)
             n_bytes += len(blob)
-            bar.update(1)
+            done += 1
+            if done == _BAR_CHUNK:  # the bar takes a lock per update: one per chunk
+                bar.update(done)
+                done = 0
+        bar.update(done)
     with tf.io.gfile.GFile(tmp_index, "wb") as fh:
         fh.write(np.asarray(where, dtype="<i8").reshape(-1, 2).tobytes())
     return n_bytes, at
