@@ -8,7 +8,7 @@ import random
 import pytest
 import tensorflow as tf
 
-from mobilenet_embed.data.example_encode import encode_example, varint
+from mobilenet_embed.example_encode import encode_example, varint
 
 LABELS = [0, 1, 127, 128, 255, 16383, 16384, 2 ** 31 - 1, 2 ** 31, 2 ** 32, 2 ** 63 - 1, -1, -128, -2 ** 31,
           -2 ** 63]
@@ -70,3 +70,15 @@ def test_varint_and_int64_range():
     for label in (2 ** 63, -2 ** 63 - 1):
         with pytest.raises(ValueError, match="outside int64"):
             encode_example(b"x", label, "a", "a/1.jpg")
+
+
+def test_prepare_worker_processes_import_no_tensorflow():
+    """`prepare`'s spawned workers import `record_worker`: TensorFlow there would cost seconds a process."""
+    import subprocess
+    import sys
+
+    code = ("import sys, mobilenet_embed.record_worker; "
+            "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'keras', 'numpy')); "
+            "sys.exit(f'imported {heavy[:5]}' if heavy else 0)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
