@@ -123,12 +123,13 @@ def _write_shards(index: ImageIndex, per_shard: list[list[int]], names: list[str
     overlap), their files read and encoded into records by `workers` processes started with
     'spawn' that import `record_worker` and not TensorFlow. Threads alone kept CPU / wall at ~1.0:
     reading a file, building its record and the future per file are Python holding the GIL
-    (write phase of 100k 32x32 JPEGs, 16 shards, page cache warm, 2-core x86: 3.9 s in one
-    thread, 5.3 s with 2; spawned processes: see README, Benchmarks, Scale). A process pool
-    that imported TensorFlow in each worker spent longer importing than the whole write takes.
-    Callers running this from a script need the ``if __name__ == "__main__":`` guard, as for
-    any 'spawn' pool (each worker imports the main module: `mbembed`'s is the CLI, without
-    TensorFlow)."""
+    (write phase of 100k 32x32 JPEGs, 16 shards, page cache warm, 2-core x86: 4.6 to 7.6 s in
+    one thread, 5.9 to 9.7 s with 2; 3.9 and 5.3 s with the hand-encoded records; with these
+    processes 1.7 to 2.0 s with 1, 1.35 to 1.7 s with 2, CPU / wall 1.55; README, Benchmarks,
+    Scale). A process pool that imported TensorFlow in each worker spent longer importing than
+    the whole write takes. Callers running this from a script need the
+    ``if __name__ == "__main__":`` guard, as for any 'spawn' pool (each worker imports the main
+    module: `mbembed`'s is the CLI, without TensorFlow)."""
     from tqdm import tqdm
 
     counts = index.counts()
