@@ -114,7 +114,7 @@ def main(argv: list[str]) -> int:
           f"to {args.out} in {summary['seconds']:.1f} s ({rate:,.0f} files/s, {summary['workers']} workers)")
     if args.tfrecord:
         from mobilenet_embed.config import Config
-        from mobilenet_embed.data.tfrecord import prepare_tfrecords
+        from mobilenet_embed.data import prepare_tfrecords
 
         cfg = Config().data
         result = prepare_tfrecords(cfg, args.out, args.tfrecord, args.shards, force=True, progress=False)

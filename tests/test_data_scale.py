@@ -93,6 +93,34 @@ def test_prepare_writes_shards_in_parallel_with_the_same_output(tmp_path):
     assert -1 not in at and at == sorted(at)
 
 
+def test_prepare_records_are_tf_train_examples_and_the_index_points_at_the_images(tmp_path):
+    """Each record is byte for byte the deterministic `tf.train.Example` of its features (the
+    encoding `prepare` has always written), and the `.index` offsets locate its image bytes."""
+    import tensorflow as tf
+    from test_data_pipeline import write_folder
+    from test_example_encode import tf_example
+
+    from mobilenet_embed.data.tfrecord import read_shard_index
+
+    root = tmp_path / "faces"
+    write_folder(root, [2, 5, 3, 4])
+    _prepare(root, tmp_path / "out" / "faces", "--shards", "2")
+    spec = {"image": tf.io.FixedLenFeature([], tf.string), "label": tf.io.FixedLenFeature([], tf.int64),
+            "identity": tf.io.FixedLenFeature([], tf.string), "path": tf.io.FixedLenFeature([], tf.string)}
+    seen = []
+    for shard in sorted((tmp_path / "out").glob("*.tfrecord")):
+        data, where = shard.read_bytes(), read_shard_index(str(shard))
+        records = [r.numpy() for r in tf.data.TFRecordDataset(str(shard))]
+        assert len(records) == len(where) > 0
+        for record, (at, n) in zip(records, where):
+            f = {k: v.numpy() for k, v in tf.io.parse_single_example(record, spec).items()}
+            path = f["path"].decode("utf-8")
+            assert record == tf_example(f["image"], int(f["label"]), f["identity"].decode("utf-8"), path)
+            assert data[at:at + n] == f["image"] == (root / path).read_bytes()
+            seen.append(path)
+    assert len(seen) == 14
+
+
 def _check(*extra):
     from click.testing import CliRunner
 

@@ -55,7 +55,8 @@ def data_check(cfg: Config, max_list: Optional[int], full: bool) -> None:
 @click.option("--force", is_flag=True, help="Overwrite existing shards and manifest of this prefix.")
 @click.option("--progress/--no-progress", default=True, help="Show a progress bar.")
 @click.option("--workers", type=click.IntRange(min=1), default=None,
-              help="Shards written at once (default: one per CPU core, at least 2); same output for any number.")
+              help="Shards written at once, and processes reading and encoding their records (default: one per "
+                   "CPU core, at least 2); same output for any number.")
 def prepare(cfg: Config, data_dir: str, out_prefix: str, shards: int, force: bool, progress: bool,
             workers: Optional[int]) -> None:
     """Write an identity folder as sharded TFRecords plus a JSON manifest (data.source: tfrecord).

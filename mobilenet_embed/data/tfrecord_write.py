@@ -16,8 +16,8 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import heapq
-import io
 import json
+import multiprocessing
 import os
 import time
 from typing import Optional
@@ -25,35 +25,12 @@ from typing import Optional
 import numpy as np
 import tensorflow as tf
 
-from mobilenet_embed.data import decode
 from mobilenet_embed.data.index import ImageIndex, inspect_data
 from mobilenet_embed.data.tfrecord import (FORMAT, INDEX_SUFFIX, MANIFEST_SUFFIX, SHARD_RE, VERSION,
                                            manifest_checksum, shard_name)
 from mobilenet_embed.errors import UserError
 from mobilenet_embed.image_files import display_path
-
-
-def _encoded_bytes(path: str, pillow: bool) -> bytes:
-    if not pillow:
-        with open(path, "rb") as fh:
-            return fh.read()
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(decode.pillow_decode_file(path)).save(buf, "PNG")
-    return buf.getvalue()
-
-
-def _example(image: bytes, label: int, identity: str, relpath: str) -> bytes:
-    feature = {
-        "image": tf.train.Feature(bytes_list=tf.train.BytesList(value=[image])),
-        "label": tf.train.Feature(int64_list=tf.train.Int64List(value=[label])),
-        "identity": tf.train.Feature(bytes_list=tf.train.BytesList(value=[identity.encode("utf-8")])),
-        "path": tf.train.Feature(bytes_list=tf.train.BytesList(value=[relpath.encode("utf-8")])),
-    }
-    # deterministic: map entries sorted by key (protobuf's default order changes from process to
-    # process, so the same data gave different shard bytes on each run)
-    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString(deterministic=True)
+from mobilenet_embed.record_worker import RecordJob, encode_files
 
 
 def assign_shards(counts: np.ndarray, n_shards: int, seed: int) -> list[list[int]]:
@@ -85,7 +62,7 @@ def _outputs(out_prefix: str, shards: int, force: bool) -> tuple[list[str], list
     return names, stale
 
 
-_READ_CHUNK = 256  # files read ahead per shard being written
+_CHUNK = 256  # records per task of a worker process (and per progress-bar update)
 
 
 def _relative(path: str, prefix: str, root: str) -> str:
@@ -93,43 +70,48 @@ def _relative(path: str, prefix: str, root: str) -> str:
     return path[len(prefix):] if path.startswith(prefix) else os.path.relpath(path, root)
 
 
-def _write_shard(readers, index: ImageIndex, rows: list[int], pillow: np.ndarray, data_dir: str, tmp: str,
-                 tmp_index: str, bar) -> int:
-    """Write the records of `rows` to `tmp` and their byte offsets to `tmp_index`; image bytes.
+def _write_shard(encoders, index: ImageIndex, rows: list[int], pillow: np.ndarray, data_dir: str, tmp: str,
+                 tmp_index: str, bar) -> tuple[int, int]:
+    """Write the records of `rows` to `tmp` and their image bytes' offsets to `tmp_index`;
+    (image bytes, shard bytes).
 
-    The files are read through the `readers` thread pool (in order); the records depend only on
-    `rows`, so a shard is the same bytes whichever thread writes it and when."""
+    The files are read and encoded by the `encoders` process pool, a chunk of `_CHUNK` rows a
+    task, the next chunk while this one is written; the records depend only on `rows`, so a
+    shard is the same bytes whichever process encodes it and when."""
     n_bytes, at, where = 0, 0, []
     prefix, root = os.path.join(data_dir, ""), os.path.abspath(data_dir)
-    def read(r: int) -> bytes:
-        return _encoded_bytes(index.paths[r], bool(pillow[r]))
 
-    def blobs():  # bounded read-ahead: the next chunk is read while this one is written
-        chunks = [rows[i:i + _READ_CHUNK] for i in range(0, len(rows), _READ_CHUNK)]
-        pending = [readers.submit(read, r) for r in chunks[0]] if chunks else []
+    def job(r: int) -> RecordJob:
+        label = int(index.labels[r])
+        return RecordJob(index.paths[r], bool(pillow[r]), label, index.identities[label],
+                         _relative(index.paths[r], prefix, root))
+
+    def encoded():  # bounded read-ahead: one chunk in flight beyond the one being written
+        chunks = [rows[i:i + _CHUNK] for i in range(0, len(rows), _CHUNK)]
+        pending = encoders.submit(encode_files, [job(r) for r in chunks[0]]) if chunks else None
         for c in range(len(chunks)):
             current = pending
-            pending = [readers.submit(read, r) for r in chunks[c + 1]] if c + 1 < len(chunks) else []
-            for job in current:
-                yield job.result()
+            if c + 1 < len(chunks):
+                pending = encoders.submit(encode_files, [job(r) for r in chunks[c + 1]])
+            yield current.result()
 
     with tf.io.TFRecordWriter(tmp) as writer:
-        for r, blob in zip(rows, blobs()):
-            label = int(index.labels[r])
-            record = _example(blob, label, index.identities[label], _relative(index.paths[r], prefix, root))
-            writer.write(record)
-            # a record is: length (8 bytes), its CRC (4), the data, the data's CRC (4)
-            where.append((at + 12 + record.find(blob), len(blob)))
-            at += 16 + len(record)
-            n_bytes += len(blob)
-            bar.update(1)
+        for records in encoded():
+            for record, image_at, n in records:
+                writer.write(record)
+                # a record is: length (8 bytes), its CRC (4), the data, the data's CRC (4)
+                where.append((at + 12 + image_at, n))
+                at += 16 + len(record)
+                n_bytes += n
+            bar.update(len(records))
     with tf.io.gfile.GFile(tmp_index, "wb") as fh:
         fh.write(np.asarray(where, dtype="<i8").reshape(-1, 2).tobytes())
     return n_bytes, at
 
 
 def default_workers() -> int:
-    """Shards written at once by `prepare` unless told: one per CPU core, at least 2."""
+    """Shards written at once (and worker processes encoding them) by `prepare` unless told: one
+    per CPU core, at least 2."""
     return max(2, os.cpu_count() or 1)
 
 
@@ -137,11 +119,17 @@ def _write_shards(index: ImageIndex, per_shard: list[list[int]], names: list[str
                   progress: bool, workers: int) -> tuple[list[dict], int]:
     """Every shard and its ``.index`` under temporary names, then renamed; (shard infos, bytes).
 
-    `workers` shards are written at once by a thread pool (measured on 100k images: a process
-    pool spends longer importing TensorFlow in each worker than the whole write takes; reading
-    files and writing records release the GIL, building the records is ~20 us each), their
-    files read through a second pool of 2 x `workers` threads, so slow storage sees many reads
-    in flight."""
+    `workers` shards are written at once by threads (the TFRecord writes, remote ones included,
+    overlap), their files read and encoded into records by `workers` processes started with
+    'spawn' that import `record_worker` and not TensorFlow. Threads alone kept CPU / wall at ~1.0:
+    reading a file, building its record and the future per file are Python holding the GIL
+    (write phase of 100k 32x32 JPEGs, 16 shards, page cache warm, 2-core x86: 4.6 to 7.6 s in
+    one thread, 5.9 to 9.7 s with 2; 3.9 and 5.3 s with the hand-encoded records; with these
+    processes 1.7 to 2.0 s with 1, 1.35 to 1.7 s with 2, CPU / wall 1.55; README, Benchmarks,
+    Scale). A process pool that imported TensorFlow in each worker spent longer importing than
+    the whole write takes. Callers running this from a script need the
+    ``if __name__ == "__main__":`` guard, as for any 'spawn' pool (each worker imports the main
+    module: `mbembed`'s is the CLI, without TensorFlow)."""
     from tqdm import tqdm
 
     counts = index.counts()
@@ -151,11 +139,15 @@ def _write_shards(index: ImageIndex, per_shard: list[list[int]], names: list[str
     tmps = [(f"{n}.tmp-{os.getpid()}", f"{n}{INDEX_SUFFIX}.tmp-{os.getpid()}") for n in names]
     bar = tqdm(total=index.num_images, unit="img", desc="prepare", disable=None if progress else True, dynamic_ncols=True)
     try:
-        with concurrent.futures.ThreadPoolExecutor(2 * workers) as readers, \
-                concurrent.futures.ThreadPoolExecutor(workers) as writers:
-            jobs = [writers.submit(_write_shard, readers, index, rows[s], pillow, data_dir, *tmps[s], bar)
+        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) \
+                as encoders, concurrent.futures.ThreadPoolExecutor(workers) as writers:
+            jobs = [writers.submit(_write_shard, encoders, index, rows[s], pillow, data_dir, *tmps[s], bar)
                     for s in range(len(names))]
-            sizes = [job.result() for job in jobs]
+            try:
+                sizes = [job.result() for job in jobs]
+            except BaseException:
+                encoders.shutdown(wait=False, cancel_futures=True)
+                raise
     except BaseException:
         for tmp in (t for pair in tmps for t in pair):
             if tf.io.gfile.exists(tmp):
@@ -191,8 +183,8 @@ def prepare_tfrecords(data_cfg, data_dir: str, out_prefix: str, shards: int, for
                       progress: bool = True, log=print, workers: Optional[int] = None) -> dict:
     """Write the shards and manifest for the identity folder `data_dir` (see the module doc).
 
-    `workers`: shards written at once (default `default_workers()`); the output is the same for
-    any number.
+    `workers`: shards written at once, and processes reading and encoding their records
+    (default `default_workers()`); the output is the same for any number.
 
     Returns a summary: images, identities, shards, bad files skipped, bytes, seconds, files.
     """
