@@ -279,3 +279,29 @@ def test_choose_images_costs_k_not_the_largest_identity():
     seen = {tuple(sampler.choose_images(tf.constant([6], tf.int64), 2, sampler.fold_key(0, 1, n)).numpy()[0])
             for n in range(60)}
     assert len(seen) > 20  # draws vary with the key (30 ordered pairs of 6 images)
+
+
+def test_prepare_file_removed_after_the_check_is_one_error_line_and_writes_nothing(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+    from test_data_pipeline import write_folder
+
+    from mobilenet_embed.cli import main
+    from mobilenet_embed.data import tfrecord_write
+
+    root = tmp_path / "faces"
+    write_folder(root, [2, 3, 2])
+    victim = sorted((root / sorted(os.listdir(root))[1]).iterdir())[0]
+    checked = tfrecord_write.inspect_data
+
+    def check_then_remove(*args, **kwargs):
+        found = checked(*args, **kwargs)
+        victim.unlink()
+        return found
+
+    monkeypatch.setattr(tfrecord_write, "inspect_data", check_then_remove)
+    result = CliRunner().invoke(main, ["prepare", "--set", "data.check_cache=null", "--data", str(root),
+                                       "--out", str(tmp_path / "out" / "faces"), "--no-progress"])
+    assert result.exit_code == 2, result.output
+    last = result.output.strip().splitlines()[-1]
+    assert last.startswith("Error: ") and victim.name in last and "changed after the check" in last, last
+    assert not list((tmp_path / "out").iterdir())

@@ -145,6 +145,11 @@ def _write_shards(index: ImageIndex, per_shard: list[list[int]], names: list[str
                     for s in range(len(names))]
             try:
                 sizes = [job.result() for job in jobs]
+            except OSError as exc:  # a file changed after the check (deleted, replaced, unreadable)
+                encoders.shutdown(wait=False, cancel_futures=True)
+                where = display_path(exc.filename) if exc.filename else f"--data {data_dir}"
+                raise UserError(f"{where}: cannot read: {exc.strerror or exc} (it changed after the check); "
+                                f"no shard was written") from exc
             except BaseException:
                 encoders.shutdown(wait=False, cancel_futures=True)
                 raise
