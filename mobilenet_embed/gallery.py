@@ -223,9 +223,10 @@ def load_model(cfg: "Config", path: str, recorded: Optional[dict] = None, flip: 
             "sha256": model_fingerprint(embedder, path), "image_size": int(embedder.image_size),
             "crop_fraction": float(crop), "flip": bool(flip), "embedding_size": int(embedder.embedding_size),
             "distance": distance}
+    alignment = _model_alignment(cfg, embedder, align, log)
+    info["aligned"] = alignment["align_template"] if align else None
     data_cfg = dataclasses.replace(cfg.data, source="folder", image_size=embedder.image_size,
-                                   crop_fraction=float(crop), augment=False,
-                                   **_model_alignment(cfg, embedder, align, log))
+                                   crop_fraction=float(crop), augment=False, **alignment)
     batches, counts = aligned_source(data_cfg, align, cfg.eval.batch_size, log)
     return LoadedModel(embedder, info, data_cfg, batches, counts)
 
@@ -261,6 +262,14 @@ def check_same_model(recorded: dict, info: dict, where: str) -> None:
         if recorded[key] != info[key]:
             raise UserError(f"{where}: {key} {info[key]!r} differs from the gallery's {recorded[key]!r} "
                             "(queries must be preprocessed and compared as the gallery was)")
+    # galleries enrolled before the alignment was recorded carry no "aligned": nothing to compare
+    if "aligned" in recorded and recorded["aligned"] != info["aligned"]:
+        raise UserError(f"{where}: the gallery was enrolled {_aligned_words(recorded['aligned'])}, these "
+                        f"images come {_aligned_words(info['aligned'])}; give --align to both or to neither")
+
+
+def _aligned_words(template: Optional[str]) -> str:
+    return f"with --align (faces aligned to the {template!r} template)" if template else "without --align"
 
 
 # --------------------------------------------------------------------------- enrol, remove

@@ -280,6 +280,12 @@ def test_enroll_search_and_identification_align_raw_photos(run, photos, tmp_path
     assert result.exit_code == 0, result.output
     assert "alignment (arcface 64): aligned 1, no face 0 (centre-cropped), several faces 0" in result.output
     assert '"identity": "Eileen_Collins"' in result.output
+    assert meta["model"]["aligned"] == "arcface"
+    result = _invoke("search", "--index", index, moved, "--format", "jsonl")  # without --align: refused
+    assert result.exit_code == 2, result.output
+    assert result.output.strip().splitlines()[-1] == (
+        f"Error: mbembed search --index {index}: the gallery was enrolled with --align (faces aligned to the "
+        "'arcface' template), these images come without --align; give --align to both or to neither")
 
     out = tmp_path / "ident"
     result = _invoke("eval", "--protocol", "identification", "--checkpoint", run, "--pairs-root", photos,
