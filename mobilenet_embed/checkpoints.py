@@ -588,18 +588,14 @@ def config_for_checkpoint(cfg: Optional["Config"], checkpoint: str, notes: Optio
     config file's preprocessing value that differs is not used; each case appends one line to
     `notes` when given (`preprocessing_metadata.overlay_user_settings`).
     """
-    from mobilenet_embed.config import Config, config_from_dict, given_settings, read_yaml_file
+    from mobilenet_embed.config import Config, config_from_dict, given_settings, read_settings_file
     from mobilenet_embed.preprocessing_metadata import ARCHITECTURE_KEYS, overlay_user_settings
 
     cfg = cfg if cfg is not None else Config()
     found = run_config_path(checkpoint)
     if found is None:
         return cfg
-    data = read_yaml_file(found)
-    if not isinstance(data, dict):
-        raise UserError(f"{found}: the checkpoint's run config is "
-                        f"{'empty' if data is None else f'a {type(data).__name__}'}, not a mapping of settings")
-    run_cfg = config_from_dict(data, source=found)
+    run_cfg = config_from_dict(read_settings_file(found, "the checkpoint's run config"), source=found)
     given, notes = given_settings(cfg), (notes if notes is not None else [])
     where = f"the checkpoint's run ({found})"
     data = overlay_user_settings("data", dataclasses.asdict(run_cfg.data), cfg.data, given, where, notes)

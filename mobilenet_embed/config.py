@@ -376,6 +376,16 @@ def read_yaml_file(path: str | os.PathLike) -> Any:
         raise UserError(f"{source}: cannot read: {exc.strerror or exc}") from None
 
 
+def read_settings_file(path: str | os.PathLike, what: str) -> dict:
+    """`read_yaml_file` of a file that must hold a mapping of settings (a run's saved
+    ``config.yaml``): empty or another type is a one-line `UserError` saying `what` the file is."""
+    data = read_yaml_file(path)
+    if not isinstance(data, dict):
+        kind = "empty" if data is None else f"a {type(data).__name__}"
+        raise UserError(f"{path}: {what} is {kind}, not a mapping of settings")
+    return data
+
+
 def _describe(value: Any) -> str:
     return repr(value)
 

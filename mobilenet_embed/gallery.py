@@ -178,7 +178,7 @@ class LoadedModel:
     """An embedder with what a gallery records about it."""
 
     embedder: object
-    info: dict  # path, kind, sha256, image_size, crop_fraction, flip, embedding_size, distance
+    info: dict  # path, kind, sha256, image_size, crop_fraction, flip, embedding_size, distance, aligned
     data_cfg: object  # DataConfig that preprocesses images for it
     batches: Optional[Callable] = None  # paths -> aligned batches (`aligned_source`), None: images as they are
     align_counts: Optional[object] = None  # `AlignCounts` of the images aligned so far
@@ -219,12 +219,11 @@ def load_model(cfg: "Config", path: str, recorded: Optional[dict] = None, flip: 
         distance = cfg.eval.distance
     if distance not in DISTANCES:
         raise UserError(f"eval.distance: search supports {', '.join(DISTANCES)}, received {distance!r}")
+    alignment = _model_alignment(cfg, embedder, align, log)
     info = {"path": os.path.abspath(str(path)), "kind": embedder.kind,
             "sha256": model_fingerprint(embedder, path), "image_size": int(embedder.image_size),
             "crop_fraction": float(crop), "flip": bool(flip), "embedding_size": int(embedder.embedding_size),
-            "distance": distance}
-    alignment = _model_alignment(cfg, embedder, align, log)
-    info["aligned"] = alignment["align_template"] if align else None
+            "distance": distance, "aligned": alignment["align_template"] if align else None}
     data_cfg = dataclasses.replace(cfg.data, source="folder", image_size=embedder.image_size,
                                    crop_fraction=float(crop), augment=False, **alignment)
     batches, counts = aligned_source(data_cfg, align, cfg.eval.batch_size, log)

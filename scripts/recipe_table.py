@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shlex
 import subprocess
 import sys
@@ -39,13 +38,13 @@ def _sets(recrop: str | None, root: list[str]) -> list[tuple[str, list[str]]]:
 
 
 def last_checkpoint(run: str) -> str:
-    """The run's checkpoint of the highest step (`checkpoints/ckpt-N`)."""
-    folder = os.path.join(run, "checkpoints")
-    steps = sorted((int(m.group(1)), name) for name in os.listdir(folder)
-                   if (m := re.fullmatch(r"ckpt-(\d+)", name)))
-    if not steps:
-        sys.exit(f"{folder}: no ckpt-N checkpoint")
-    return os.path.join(folder, steps[-1][1])
+    """The run's latest checkpoint, as its index names it (`checkpoints.latest_checkpoint`)."""
+    from mobilenet_embed.checkpoints import latest_checkpoint
+
+    found = latest_checkpoint(os.path.join(run, "checkpoints"))
+    if found is None:
+        sys.exit(f"{run}: no checkpoint")
+    return found.path
 
 
 def _evaluate(mbembed: list[str], run: str, checkpoint: str, extra: list[str], out: str) -> dict:
@@ -75,9 +74,10 @@ def main(argv: list[str]) -> int:
     for run in args.runs + args.align:
         aligned = run in args.align
         extra = ["--align"] if aligned else []
+        checkpoint = last_checkpoint(run) if args.final else run
         for name, set_args in _sets(args.recrop, ["--pairs-root", args.raw_root] if aligned else []):
             out = os.path.join(run, "eval_sets" + ("_final" if args.final else ""), name)
-            m = _evaluate(mbembed, run, last_checkpoint(run) if args.final else run, set_args + extra, out)
+            m = _evaluate(mbembed, run, checkpoint, set_args + extra, out)
             table.setdefault(run, {})[name] = {k: m.get(k) for k in ("accuracy", "accuracy_std", "auc", "eer")}
             table[run][name]["pairs"] = m["n_pairs"]
     if not table:

@@ -145,13 +145,12 @@ def _write_shards(index: ImageIndex, per_shard: list[list[int]], names: list[str
                     for s in range(len(names))]
             try:
                 sizes = [job.result() for job in jobs]
-            except OSError as exc:  # a file changed after the check (deleted, replaced, unreadable)
+            except BaseException as exc:
                 encoders.shutdown(wait=False, cancel_futures=True)
-                where = display_path(exc.filename) if exc.filename else f"--data {data_dir}"
-                raise UserError(f"{where}: cannot read: {exc.strerror or exc} (it changed after the check); "
-                                f"no shard was written") from exc
-            except BaseException:
-                encoders.shutdown(wait=False, cancel_futures=True)
+                if isinstance(exc, OSError):  # a file changed after the check (deleted, replaced, unreadable)
+                    where = display_path(exc.filename) if exc.filename else f"--data {data_dir}"
+                    raise UserError(f"{where}: cannot read: {exc.strerror or exc} (it changed after the "
+                                    f"check); no shard was written") from exc
                 raise
     except BaseException:
         for tmp in (t for pair in tmps for t in pair):

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from mobilenet_embed import atomic
-from mobilenet_embed.config import Config, config_from_dict, config_to_dict, dump_yaml, read_yaml_file
+from mobilenet_embed.config import Config, config_from_dict, config_to_dict, dump_yaml, read_settings_file
 from mobilenet_embed.errors import UserError
 from mobilenet_embed.records import versions
 
@@ -33,19 +33,14 @@ def flatten(data: dict, prefix: str = "") -> dict:
 
 def read_saved_config(path: str) -> dict:
     """The mapping of a run's saved ``config.yaml`` (read as a ``--config`` file is:
-    `config.read_yaml_file`); `UserError` naming the file when it cannot be read, is not valid
+    `config.read_settings_file`); `UserError` naming the file when it cannot be read, is not valid
     YAML (duplicate keys included) or is not a mapping (it guards a resume, so it must not be
     silently overwritten)."""
-    guards = ("guards against resuming with another model, so it is left as it is: repair or remove it "
-              "to resume, or start over with --fresh --force")
     try:
-        data = read_yaml_file(path)
+        return read_settings_file(path, "the run's saved config")
     except UserError as exc:
-        raise UserError(f"{exc}; the run's saved config {guards}") from None
-    if not isinstance(data, dict):
-        what = "empty" if data is None else f"a {type(data).__name__}"
-        raise UserError(f"{path}: the run's saved config is {what}, not a mapping of settings; it {guards}")
-    return data
+        raise UserError(f"{exc}; the run's saved config guards against resuming with another model, so it "
+                        "is left as it is: repair or remove it to resume, or start over with --fresh --force") from None
 
 
 def compare_with_saved(cfg: Config, path: str) -> list[str]:
