@@ -58,6 +58,9 @@ class DataConfig:
     shuffle_buffer: int = _spec(1024, low=0, doc="tfrecord source: shuffle buffer of records")
     augment_min_crop: float = _spec(0.8, low=0.0, high=1.0, low_open=True,
                                     doc="augment: random crop side, as a fraction of the central crop (min)")
+    augment_max_crop: float = _spec(1.0, low=0.0, low_open=True,
+                                    doc="augment: random crop side, as a fraction of the central crop (max); above 1 a looser framing, up to the whole image")
+    augment_shift: float = _spec(0.0, low=0.0, doc="augment: the crop may move this fraction of the central crop's side past each of its edges (an off-centre face)")
     augment_brightness: float = _spec(0.1, low=0.0, doc="augment: brightness shift, +- this fraction of the range")
     augment_contrast: float = _spec(0.2, low=0.0, high=1.0, doc="augment: contrast factor 1 +- this")
     check_cache: Optional[str] = _spec("~/.cache/mbembed", doc="folder remembering decode checks by (path relative to the data folder, size, mtime); may be shared storage beside the data; null: check every file every time")
@@ -498,6 +501,20 @@ def _apply(obj: Any, updates: dict, prefix: str, source: str) -> None:
             setattr(obj, key, _coerce(value, tp, fields[key].metadata, f"{source}: {dotted}"))
 
 
+def _check_augment(data_cfg: DataConfig, source: str | None) -> None:
+    """The random crop's range is not empty, and no `data.augment_*` is set with augmentation off."""
+    if data_cfg.augment_max_crop < data_cfg.augment_min_crop:
+        raise UserError(f"{source or '--set'}: data.augment_max_crop: expected >= data.augment_min_crop "
+                        f"({_describe(data_cfg.augment_min_crop)}), received {_describe(data_cfg.augment_max_crop)}")
+    if not data_cfg.augment:
+        defaults = DataConfig()
+        for f in dataclasses.fields(DataConfig):
+            value = getattr(data_cfg, f.name)
+            if f.name.startswith("augment_") and value != getattr(defaults, f.name):
+                raise UserError(f"{source or '--set'}: data.{f.name}: not used (data.augment is false), "
+                                f"received {_describe(value)}")
+
+
 def _check_consistency(cfg: Config, source: str | None) -> None:
     """Rules that tie several keys together; `source` is the config file, None without one."""
     if cfg.data.source in ("folder", "tfrecord") and not cfg.data.path:
@@ -512,6 +529,7 @@ def _check_consistency(cfg: Config, source: str | None) -> None:
         if not ok:
             raise UserError(f"{source or '--set'}: train.lr_piecewise: expected [[epoch, lr], ...] when "
                             f"train.lr_schedule is 'piecewise', received {_describe(sched)}")
+    _check_augment(cfg.data, source)
     cfg.loss.validate(cfg.data, source)
     if not cfg.export.formats:
         raise UserError(f"{source or '--set'}: export.formats: expected at least one format, received []")

@@ -78,6 +78,10 @@ def test_every_key_is_documented():
      "x.yaml:5: not valid YAML: duplicate key 'train' (first given on line 1)"),
     ("train:\n  epochs: 2\n  epochs: 3\n", "x.yaml:3: not valid YAML: duplicate key 'epochs' (first given on line 2)"),
     ("data:\n  source: folder\n", "data.path: required when data.source is 'folder' (set it in the file or give --set data.path=...)"),
+    ("data:\n  augment_min_crop: 0.9\n  augment_max_crop: 0.85\n",
+     "x.yaml: data.augment_max_crop: expected >= data.augment_min_crop (0.9), received 0.85"),
+    ("data:\n  augment: false\n  augment_shift: 0.1\n",
+     "x.yaml: data.augment_shift: not used (data.augment is false), received 0.1"),
 ])
 def test_bad_config_file_is_one_line_error_exit_2(tmp_path, yaml_text, message):
     path = write(tmp_path, yaml_text)

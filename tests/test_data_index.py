@@ -17,6 +17,7 @@ from mobilenet_embed.cli import main
 from mobilenet_embed.config import load_config
 from mobilenet_embed.data import (augment_images, build_index, images_dataset, inspect_data, preprocess_images,
                                   read_identity_list, split_identities)
+from mobilenet_embed.data.preprocess import random_crop_box
 from mobilenet_embed.errors import UserError
 
 
@@ -216,6 +217,33 @@ def test_augment_without_jitter_is_a_crop_of_the_preprocessed_image():
     out = augment_images(x, [1, 2], 40, 1.0, min_crop=1.0, brightness=0.0, contrast=0.0).numpy()
     ref = preprocess_images(x, 40).numpy()
     assert np.allclose(out, ref, atol=1e-5) or np.allclose(out, ref[:, ::-1], atol=1e-5)
+
+
+def _crop_boxes(n: int, **jitter) -> np.ndarray:
+    """`random_crop_box` of a 250 x 200 image (central crop 0.5: a 126 x 100 box at (62, 50)) for n draws."""
+    draws = tf.random.stateless_uniform([n, 6], seed=[3, 4])
+    return tf.map_fn(lambda d: random_crop_box(250, 200, 0.5, draws=d, **jitter), draws,
+                     fn_output_signature=tf.int32).numpy()
+
+
+def test_random_crop_stays_in_the_central_box_by_default():
+    top, left, h, w = _crop_boxes(500, min_crop=0.8).T
+    assert (top >= 62).all() and (left >= 50).all() and (top + h <= 188).all() and (left + w <= 150).all()
+    assert h.min() == round(126 * 0.8) and h.max() >= 125 and w.max() <= 100
+
+
+def test_random_crop_looser_and_shifted_framing_stays_inside_the_image():
+    top, left, h, w = _crop_boxes(2000, min_crop=0.8, max_crop=1.5, shift=0.2).T
+    assert (top >= 0).all() and (left >= 0).all() and (top + h <= 250).all() and (left + w <= 200).all()
+    assert h.max() >= 180 and h.min() <= 102 and (np.abs(h / 126 - w / 100) < 0.01).all()  # 0.8..1.5, one fraction
+    centre_y, centre_x = top + h / 2 - 125, left + w / 2 - 100
+    # a crop may pass the box's edges by 0.2 x its side (25 and 20 px): a 0.8 crop's centre moves
+    # up to (126 + 50 - 101) / 2 = 37.5 px (x: 30 px) off the box's centre, inside the box at most 12.5
+    assert centre_y.min() < -30 and centre_y.max() > 30 and np.abs(centre_x).max() > 25
+    assert (top < 62).any() and (top + h > 188).any()  # framings the default never gives
+    # a crop larger than the image is the whole image's side, at its edge
+    top, left, h, w = _crop_boxes(50, min_crop=3.0, max_crop=3.0).T
+    assert (h == 250).all() and (w == 200).all() and (top == 0).all() and (left == 0).all()
 
 
 # --------------------------------------------------------------------------- CLI

@@ -87,6 +87,17 @@ def test_every_batch_is_p_by_k_and_seeded(folder):
     assert any(not np.array_equal(la, lb) for (_, la), (_, lb) in zip(batches, other))
 
 
+def test_crop_jitter_keys_reach_the_training_batches(folder):
+    index, _ = build_index(config(folder).data)
+    base = take(pk_batches(config(folder), index), 2)
+    same = take(pk_batches(config(folder, "data.augment_max_crop=1.0", "data.augment_shift=0.0"), index), 2)
+    looser = take(pk_batches(config(folder, "data.augment_max_crop=1.25", "data.augment_shift=0.1"), index), 2)
+    for (a, la), (b, lb), (c, lc) in zip(base, same, looser):
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(la, lc)  # the same images, framed otherwise
+        assert np.abs(a - c).max() > 0.1
+
+
 def test_images_within_identity_distinct_when_enough(folder):
     cfg = config(folder, "data.augment=false")
     index, _ = build_index(cfg.data)

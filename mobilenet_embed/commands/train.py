@@ -24,7 +24,7 @@ from mobilenet_embed.config import Config
 @click.option("--fresh", is_flag=True, help="Start over instead of resuming the run directory's checkpoint.")
 @click.option("--force", is_flag=True, help="With --fresh: overwrite an existing run directory.")
 def train(cfg: Config, run_dir: Optional[str], fresh: bool, force: bool) -> None:
-    """Train the embedding model with triplet loss (resumes a run directory's checkpoint)."""
+    """Train the embedding model with a triplet loss or a margin head (resumes a run directory's checkpoint)."""
     from mobilenet_embed.train import train as run_training
 
     if force and not fresh:

@@ -10,9 +10,11 @@ antialiasing loses nothing measurable for a network that starts with a stride-2 
 The central crop box is ``start = floor(side * (1 - f) / 2)``, ``size = side - 2 * start`` on each
 axis (as `tf.image.central_crop` does for f = 0.6, 0.5, ...; exact for any f here).
 
-Augmentation (training only, `data.augment`): a random square-ish crop inside the central crop
-box (each side `data.augment_min_crop`..1 of the box, same fraction on both axes, position
-uniform), the same bilinear resize, a horizontal flip with probability 1/2, brightness
+Augmentation (training only, `data.augment`): a random square-ish crop of the central crop box
+(each side `data.augment_min_crop`..`data.augment_max_crop` of the box, same fraction on both
+axes; position uniform inside the box grown by `data.augment_shift` of its side on every edge,
+and inside the image: above 1, or with a shift, the framing gets looser or off-centre, as other
+collections frame faces), the same bilinear resize, a horizontal flip with probability 1/2, brightness
 (+- `data.augment_brightness` of the full range) and contrast (x 1 +- `data.augment_contrast`
 around the image mean), clipped to [-1, 1]. The geometric half runs per image, the photometric
 half (`color_jitter`) on whole batches. Every random draw is stateless (six uniform numbers per
@@ -74,20 +76,27 @@ def augment_draws(seed: tf.Tensor, n: int | None = None) -> tf.Tensor:
 
 
 def random_crop_box(height: tf.Tensor, width: tf.Tensor, crop_fraction: float, min_crop: float,
-                    draws: tf.Tensor) -> tf.Tensor:
-    """int32 ``[top, left, h, w]`` of a random crop inside the central `crop_fraction` box.
+                    draws: tf.Tensor, max_crop: float = 1.0, shift: float = 0.0) -> tf.Tensor:
+    """int32 ``[top, left, h, w]`` of a random crop around the central `crop_fraction` box.
 
-    Both sides are the same fraction ``min_crop + (1 - min_crop) * draws[0]`` of the central
-    box's sides; the position (``draws[1:3]``) is uniform inside the box. Computed on [2]-vectors
-    (few ops: this runs once per image). The central box is `central_crop_box`'s.
+    Both sides are the same fraction ``min_crop + (max_crop - min_crop) * draws[0]`` of the
+    central box's sides (never more than the image). The position (``draws[1:3]``) is uniform
+    inside the box grown by ``shift`` x its side on each edge (centred on the box when the crop
+    is larger than that), then moved inside the image. With ``max_crop`` 1 and ``shift`` 0 the
+    crop stays inside the box. Computed on [2]-vectors (few ops: this runs once per image). The
+    central box is `central_crop_box`'s.
     """
     hw = tf.cast(tf.stack([height, width]), tf.float32)
     margin = (1.0 - float(min(crop_fraction, 1.0))) / 2.0
     start = tf.floor(hw * margin)
     size = tf.maximum(hw - 2.0 * start, 1.0)
-    scale = min_crop + (1.0 - min_crop) * draws[0]
-    side = tf.clip_by_value(tf.round(size * scale), 1.0, size)
-    offset = start + tf.minimum(tf.floor(draws[1:3] * (size - side + 1.0)), size - side)
+    scale = min_crop + (max_crop - min_crop) * draws[0]
+    side = tf.clip_by_value(tf.round(size * scale), 1.0, hw)
+    reach = tf.floor(size * shift)
+    low, high = start - reach, start + size + reach - side
+    low = tf.where(high >= low, low, start + tf.floor((size - side) / 2.0))
+    span = tf.maximum(high - low, 0.0)
+    offset = tf.clip_by_value(low + tf.minimum(tf.floor(draws[1:3] * (span + 1.0)), span), 0.0, hw - side)
     return tf.cast(tf.concat([offset, side], 0), tf.int32)
 
 
@@ -97,18 +106,18 @@ def _resize_flip(cropped: tf.Tensor, draws: tf.Tensor, image_size: int) -> tf.Te
 
 
 def crop_resize_decoded(image: tf.Tensor, draws: tf.Tensor, image_size: int, crop_fraction: float = 1.0,
-                        min_crop: float = 0.8) -> tf.Tensor:
+                        min_crop: float = 0.8, max_crop: float = 1.0, shift: float = 0.0) -> tf.Tensor:
     """Geometric half of the augmentation: decoded ``[H, W, 3]`` -> random crop, resize, flip ->
     float32 ``[S, S, 3]`` still in 0..255 (`color_jitter` finishes it)."""
     image = tf.convert_to_tensor(image)
     shape = tf.shape(image)
-    box = random_crop_box(shape[0], shape[1], crop_fraction, min_crop, draws)
+    box = random_crop_box(shape[0], shape[1], crop_fraction, min_crop, draws, max_crop, shift)
     cropped = tf.slice(image, tf.stack([box[0], box[1], 0]), tf.stack([box[2], box[3], -1]))
     return _resize_flip(cropped, draws, image_size)
 
 
 def crop_resize_encoded(contents: tf.Tensor, draws: tf.Tensor, image_size: int, crop_fraction: float = 1.0,
-                        min_crop: float = 0.8) -> tf.Tensor:
+                        min_crop: float = 0.8, max_crop: float = 1.0, shift: float = 0.0) -> tf.Tensor:
     """`crop_resize_decoded` from encoded bytes (TF decoders).
 
     JPEGs are decoded only inside the random crop box (`tf.io.decode_and_crop_jpeg`; it differs
@@ -119,13 +128,13 @@ def crop_resize_encoded(contents: tf.Tensor, draws: tf.Tensor, image_size: int, 
 
     def jpeg():
         shape = tf.io.extract_jpeg_shape(contents)
-        box = random_crop_box(shape[0], shape[1], crop_fraction, min_crop, draws)
+        box = random_crop_box(shape[0], shape[1], crop_fraction, min_crop, draws, max_crop, shift)
         return tf.io.decode_and_crop_jpeg(contents, box, channels=3)
 
     def other():
         image = decode_image_bytes(contents)
         shape = tf.shape(image)
-        box = random_crop_box(shape[0], shape[1], crop_fraction, min_crop, draws)
+        box = random_crop_box(shape[0], shape[1], crop_fraction, min_crop, draws, max_crop, shift)
         return tf.slice(image, tf.stack([box[0], box[1], 0]), tf.stack([box[2], box[3], -1]))
 
     return _resize_flip(tf.cond(tf.io.is_jpeg(contents), jpeg, other), draws, image_size)
@@ -154,11 +163,12 @@ def color_jitter(images: tf.Tensor, draws: tf.Tensor, brightness: float = 0.1, c
 
 
 def augment_images(images, seed, image_size: int, crop_fraction: float = 1.0, min_crop: float = 0.8,
-                   brightness: float = 0.1, contrast: float = 0.2) -> tf.Tensor:
+                   brightness: float = 0.1, contrast: float = 0.2, max_crop: float = 1.0,
+                   shift: float = 0.0) -> tf.Tensor:
     """Training augmentation of decoded images ``[H, W, 3]`` or ``[N, H, W, 3]`` (0..255).
 
-    `seed`: int ``[2]``. Returns float32 in [-1, 1] at ``image_size``: random crop inside the
-    central `crop_fraction` box, bilinear resize, flip (`crop_resize_decoded`, per image), then
+    `seed`: int ``[2]``. Returns float32 in [-1, 1] at ``image_size``: random crop around the
+    central `crop_fraction` box (`random_crop_box`), bilinear resize, flip (`crop_resize_decoded`, per image), then
     brightness and contrast (`color_jitter`). The training pipeline runs the same two functions
     (`crop_resize_encoded` for encoded bytes) with draws made per step.
     """
@@ -166,10 +176,11 @@ def augment_images(images, seed, image_size: int, crop_fraction: float = 1.0, mi
     seed = tf.cast(tf.convert_to_tensor(seed), tf.int64)
     if images.shape.rank == 3:
         draws = augment_draws(seed)
-        return color_jitter(crop_resize_decoded(images, draws, image_size, crop_fraction, min_crop), draws,
-                            brightness, contrast)
+        return color_jitter(crop_resize_decoded(images, draws, image_size, crop_fraction, min_crop, max_crop, shift),
+                            draws, brightness, contrast)
     draws = augment_draws(seed, tf.shape(images)[0])
-    geometric = tf.map_fn(lambda a: crop_resize_decoded(a[0], a[1], image_size, crop_fraction, min_crop),
+    geometric = tf.map_fn(lambda a: crop_resize_decoded(a[0], a[1], image_size, crop_fraction, min_crop,
+                                                              max_crop, shift),
                           (images, draws), fn_output_signature=tf.TensorSpec([image_size, image_size, 3], tf.float32))
     return color_jitter(geometric, draws, brightness, contrast)
 
