@@ -1,11 +1,13 @@
 """Input-pipeline benchmark: `python scripts/bench.py data [--data DIR] [options]`.
 
-Side by side in one run, in images per second (P x K batches, the config's defaults 16 x 4):
+Side by side in one run (four pipelines), in images per second (P x K batches, the config's defaults 16 x 4):
 
 - ``bare``: `tf.io.read_file` + `tf.io.decode_jpeg` + `tf.image.resize` of the same JPEG files,
   ``map(num_parallel_calls=AUTOTUNE)``, batch, prefetch: the decode ceiling.
 - ``pipeline``: `pk_batches` on the folder (P x K sampling, augmentation on: random crop, flip,
   brightness, contrast; crop fraction and size as given).
+- ``jitter``: ``pipeline`` with crop jitter (`data.augment_max_crop`, `data.augment_shift`:
+  `--jitter-max-crop`, `--jitter-shift`, the LFW recipes' 1.2 and 0.1): larger crops to decode.
 - ``tfrecord``: `pk_batches` on TFRecord shards of the same folder (written by
   `prepare_tfrecords` into a temporary folder first, not timed).
 
@@ -39,6 +41,8 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--crop-fraction", type=float, default=0.6)
     ap.add_argument("--identities-per-batch", type=int, default=16)
     ap.add_argument("--images-per-identity", type=int, default=4)
+    ap.add_argument("--jitter-max-crop", type=float, default=1.2, help="the jitter case's data.augment_max_crop")
+    ap.add_argument("--jitter-shift", type=float, default=0.1, help="the jitter case's data.augment_shift")
     ap.add_argument("--batches", type=int, default=40, help="timed batches per measurement")
     ap.add_argument("--warmup", type=int, default=5, help="untimed batches first")
     ap.add_argument("--repeats", type=int, default=3)
@@ -105,9 +109,12 @@ def main(argv: list[str]) -> dict:
     rec_cfg = load_config(None, sets + ["data.source=tfrecord", f"data.path={prefix}-*.tfrecord"])
     rec_index, _ = build_index(rec_cfg.data)
 
+    jitter_cfg = load_config(None, sets + [f"data.augment_max_crop={args.jitter_max_crop}",
+                                           f"data.augment_shift={args.jitter_shift}"])
     variants = {
         "bare": bare,
         "pipeline": lambda: pk_batches(cfg, index),
+        "jitter": lambda: pk_batches(jitter_cfg, index),
         "tfrecord": lambda: pk_batches(rec_cfg, rec_index),
     }
     rates: dict[str, list[float]] = {name: [] for name in variants}
@@ -124,6 +131,7 @@ def main(argv: list[str]) -> dict:
     rows = [
         ("bare read + decode_jpeg + resize (AUTOTUNE)", "bare"),
         ("pk_batches, folder, augmentation on", "pipeline"),
+        (f"the same with crop jitter (max crop {args.jitter_max_crop:g}, shift {args.jitter_shift:g})", "jitter"),
         ("pk_batches, TFRecord shards, augmentation on", "tfrecord"),
     ]
     result = {
@@ -134,6 +142,9 @@ def main(argv: list[str]) -> dict:
         "cpu_us_per_image": cpu, "median_cpu_us_per_image": cpu_median,
         "ratio_pipeline_to_bare": median["pipeline"] / median["bare"],
         "ratio_tfrecord_to_bare": median["tfrecord"] / median["bare"],
+        "ratio_jitter_to_pipeline": median["jitter"] / median["pipeline"],
+        "ratio_jitter_to_pipeline_best": best["jitter"] / best["pipeline"],
+        "jitter": {"max_crop": args.jitter_max_crop, "shift": args.jitter_shift},
         "ratio_pipeline_to_bare_best": best["pipeline"] / best["bare"],
         "ratio_tfrecord_to_bare_best": best["tfrecord"] / best["bare"],
         "check_seconds": check_seconds, "prepare_seconds": prepare_seconds, "shards": args.shards,
