@@ -74,17 +74,17 @@ def _crop_jitter(data_cfg) -> tuple[float, float, float]:
 def _from_decoded(data_cfg, augment: bool):
     """Decoded uint8/float image + augmentation draws -> float32 [S, S, 3] (0..255 when augmenting:
     `color_jitter` runs on the batch; else the final [-1, 1] preprocessing)."""
-    size, crop = data_cfg.image_size, data_cfg.crop_fraction
+    size, crop, jitter = data_cfg.image_size, data_cfg.crop_fraction, _crop_jitter(data_cfg)
     if augment:
-        return lambda image, draws: crop_resize_decoded(image, draws, size, crop, *_crop_jitter(data_cfg))
+        return lambda image, draws: crop_resize_decoded(image, draws, size, crop, *jitter)
     return lambda image, draws: preprocess_images(image, size, crop)
 
 
 def _from_bytes(data_cfg, augment: bool):
     """Encoded bytes + augmentation draws -> float32 [S, S, 3] (TF decoders only), as `_from_decoded`."""
-    size, crop = data_cfg.image_size, data_cfg.crop_fraction
+    size, crop, jitter = data_cfg.image_size, data_cfg.crop_fraction, _crop_jitter(data_cfg)
     if augment:
-        return lambda contents, draws: crop_resize_encoded(contents, draws, size, crop, *_crop_jitter(data_cfg))
+        return lambda contents, draws: crop_resize_encoded(contents, draws, size, crop, *jitter)
     return lambda contents, draws: preprocess_images(decode.decode_image_bytes(contents), size, crop)
 
 
