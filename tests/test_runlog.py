@@ -2,7 +2,7 @@
 
 import io
 
-from mobilenet_embed.runlog import RunLog
+from mobilenet_embed.runlog import RunLog, plain_line
 
 
 def test_validation_line_says_val_is_na_with_too_few_pairs():
@@ -13,3 +13,10 @@ def test_validation_line_says_val_is_na_with_too_few_pairs():
     line = out.getvalue().strip()
     assert "VAL 1.0000 @ FAR 1.0000" not in line
     assert "VAL@FAR=0.001 n/a (needs >= 1,000 different pairs), AUC 0.9500 (20 pairs" in line
+
+
+def test_plain_line_shows_both_loss_terms_of_a_head_with_a_triplet_term():
+    values = {"loss": 3.5, "head_loss": 2.5, "triplet_loss": 0.1, "learning_rate": 1e-3}
+    line = plain_line(50, 100, 1, 2, values, eta=None)
+    assert line.startswith("step 50/100 epoch 1/2 loss 3.5000 (head 2.5000 triplet 0.1000) lr 1.0e-03")
+    assert "head" not in plain_line(50, 100, 1, 2, {"loss": 3.5}, eta=None)

@@ -36,6 +36,23 @@ def _centres(run_dir, step):
     return reader.get_tensor("head/centres/.ATTRIBUTES/VARIABLE_VALUE")
 
 
+def _check_loss_terms(run_dir, overrides):
+    """With a triplet term each logged step holds both unweighted terms, and loss is their weighted
+    sum; without one there are no term keys."""
+    import json
+
+    with open(f"{run_dir}/metrics.jsonl", encoding="utf-8") as fh:
+        steps = [r for r in map(json.loads, fh) if r["kind"] == "train"]
+    assert len(steps) == 2
+    weight = next((float(o.split("=")[1]) for o in overrides if o.startswith("loss.triplet_weight=")), 0.0)
+    for record in steps:
+        if weight:
+            assert record["head_loss"] > 0 and record["triplet_loss"] >= 0
+            assert record["loss"] == pytest.approx(record["head_loss"] + weight * record["triplet_loss"], rel=1e-5)
+        else:
+            assert "head_loss" not in record and "triplet_loss" not in record
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("overrides", VARIANTS, ids=lambda o: o[0].split("=")[1])
 def test_every_head_trains_and_resumes(tmp_path, overrides):
@@ -48,6 +65,7 @@ def test_every_head_trains_and_resumes(tmp_path, overrides):
     at_2 = _centres(run, 2)
     assert at_2.shape == (12 * k, 16) and at_2.dtype == np.float32
     assert not np.allclose(at_2, _centres(run, 1))  # the centres are trained
+    _check_loss_terms(run, overrides)
     # model.keras is the embedding model alone
     saved = keras.models.load_model(first.paths["model"])
     assert all(tuple(w.shape) != (12 * k, 16) for w in saved.weights)

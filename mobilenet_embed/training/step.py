@@ -20,7 +20,9 @@ class TrainStep:
     differentiated and updated with the model's variables, and with several replicas the batch
     is always all-gathered (each replica computes the logits of its shard of the classes).
     Calling returns a dict of scalars averaged over replicas: ``loss``, ``grad_norm`` (before
-    clipping) and, when `with_stats`, the mining statistics of `mobilenet_embed.losses.mining_stats`.
+    clipping), with a head and a triplet term the two unweighted terms ``head_loss`` and
+    ``triplet_loss`` (``loss = head_loss + triplet_weight * triplet_loss``) and, when `with_stats`,
+    the mining statistics of `mobilenet_embed.losses.mining_stats`.
     """
 
     def __init__(self, strategy, model, optimizer, loss_fn: Callable, *, margin: float, distance: str,
@@ -66,12 +68,14 @@ class TrainStep:
                 if (self.cross_replica_mining or self.head is not None) and replicas > 1:
                     embeddings = gather_replicas(ctx, embeddings)
                     labels = gather_replicas(ctx, labels)
+                terms = {}
                 if self.head is None:
                     loss = tf.cast(self.loss_fn(labels, embeddings), tf.float32)
                 else:
                     loss = self.head(labels, embeddings)
                     if self.triplet_weight > 0:
-                        loss += self.triplet_weight * tf.cast(self.loss_fn(labels, embeddings), tf.float32)
+                        terms = {"head_loss": loss, "triplet_loss": tf.cast(self.loss_fn(labels, embeddings), tf.float32)}
+                        loss = loss + self.triplet_weight * terms["triplet_loss"]
                 objective = loss / float(replicas)
                 if self.model.losses:
                     objective += tf.add_n([tf.cast(x, tf.float32) for x in self.model.losses]) / float(replicas)
@@ -86,7 +90,7 @@ class TrainStep:
             self.optimizer.apply(grads, variables)
             if replicas > 1:
                 self._average_moving_statistics(ctx)
-            out = {"loss": loss, "grad_norm": grad_norm / scale}
+            out = {"loss": loss, "grad_norm": grad_norm / scale, **terms}
             if with_stats:
                 out.update(mining_stats(labels, embeddings, self.margin, self.distance))
             return out
