@@ -231,6 +231,10 @@ def _validate_loss(self, data_cfg: "DataConfig", source: str) -> None:
     elif self.triplet_weight == 0 and self.triplet_term != "triplet_semihard":
         raise UserError(f"{source}: loss.triplet_term: not used (loss.triplet_weight is 0), "
                         f"received {_describe(self.triplet_term)}")
+    if self.head_fade_epochs and (chosen.kind == "triplet" or self.triplet_weight == 0):
+        why = f"loss.name is {self.name!r}" if chosen.kind == "triplet" else "loss.triplet_weight is 0"
+        raise UserError(f"{source}: loss.head_fade_epochs: fades a margin head into its triplet term, so it needs "
+                        f"a head and loss.triplet_weight > 0 ({why}), received {_describe(self.head_fade_epochs)}")
     if data_cfg.sampling != "pk" and (chosen.kind == "triplet" or self.triplet_weight > 0):
         raise UserError(f"{source}: data.sampling: triplet losses mine positives inside P x K batches, "
                         f"so they need 'pk', received {data_cfg.sampling!r}")
@@ -243,6 +247,7 @@ LossConfig = dataclasses.make_dataclass(
      ("triplet_weight", float, _spec(0.0, low=0.0, doc="margin heads: weight of a triplet term on the same P x K batch (0: none)")),
      ("triplet_term", str, _spec("triplet_semihard", choices=TRIPLET_LOSSES,
                                  doc="margin heads with triplet_weight > 0: which triplet loss (its options: loss.<that name>.*)")),
+     ("head_fade_epochs", list, _spec(factory=list, doc="margin heads with a triplet term: [start, end] epochs over which the head's weight falls linearly from 1 to 0, leaving the triplet term ([]: the head throughout)")),
      ("sample_rate", float, _spec(1.0, low=0.0, high=1.0, low_open=True,
                                   doc="margin heads (Partial FC): fraction of the class centres each step uses, positives always included")),
      *[(name, choice.options, field(default_factory=choice.options)) for name, choice in LOSS_REGISTRY.items()]],
@@ -515,6 +520,20 @@ def _check_augment(data_cfg: DataConfig, source: str | None) -> None:
                                 f"received {_describe(value)}")
 
 
+def _check_head_fade(cfg: Config, source: str | None) -> None:
+    """``loss.head_fade_epochs`` is [] or [start, end] with 0 <= start <= end and start inside the run."""
+    fade = cfg.loss.head_fade_epochs
+    if not fade:
+        return
+    key = f"{source or '--set'}: loss.head_fade_epochs"
+    numbers = len(fade) == 2 and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in fade)
+    if not numbers or not 0 <= fade[0] <= fade[1]:
+        raise UserError(f"{key}: expected [start, end] epochs with 0 <= start <= end, received {_describe(fade)}")
+    if fade[0] >= cfg.train.epochs:
+        raise UserError(f"{key}: the fade starts at epoch {fade[0]:g}, after the run's {cfg.train.epochs} "
+                        f"epochs (train.epochs), so it would never happen; received {_describe(fade)}")
+
+
 def _check_consistency(cfg: Config, source: str | None) -> None:
     """Rules that tie several keys together; `source` is the config file, None without one."""
     if cfg.data.source in ("folder", "tfrecord") and not cfg.data.path:
@@ -531,6 +550,7 @@ def _check_consistency(cfg: Config, source: str | None) -> None:
                             f"train.lr_schedule is 'piecewise', received {_describe(sched)}")
     _check_augment(cfg.data, source)
     cfg.loss.validate(cfg.data, source)
+    _check_head_fade(cfg, source)
     if not cfg.export.formats:
         raise UserError(f"{source or '--set'}: export.formats: expected at least one format, received []")
 

@@ -155,6 +155,17 @@ def margin_softmax_loss(labels: tf.Tensor, embeddings: tf.Tensor, centres: tf.Te
     return tf.reduce_mean(tf.math.log(sum_exp) + top - logit_y)
 
 
+def head_fade_weight(step: tf.Tensor, start: int, end: int) -> tf.Tensor:
+    """Weight of the head term at 0-based `step` under ``loss.head_fade_epochs`` (in steps): 1
+    before `start`, falling linearly to 0 at `end`, 0 from then on (`start == end`: a switch).
+    The head then hands the training over to its triplet term: the head learns fast early, the
+    triplet term keeps improving where the head only memorises few-image identities."""
+    step = tf.cast(step, tf.float32)
+    if end <= start:
+        return tf.where(step < float(start), 1.0, 0.0)
+    return tf.clip_by_value((float(end) - step) / float(end - start), 0.0, 1.0)
+
+
 def shard_bounds(num_classes: int, num_shards: int, shard) -> tuple:
     """(first class, class count) of `shard` when `num_classes` are cut into `num_shards` slices of
     ``ceil(C / R)`` (the last one shorter); `shard` may be a tensor."""

@@ -26,7 +26,7 @@ from typing import IO, Optional
 from mobilenet_embed.atomic import write_text
 from mobilenet_embed.records import jsonable
 
-TRAIN_KEYS = ("loss", "head_loss", "triplet_loss", "active_fraction", "mean_pos_dist", "mean_neg_dist",
+TRAIN_KEYS = ("loss", "head_loss", "head_weight", "triplet_loss", "active_fraction", "mean_pos_dist", "mean_neg_dist",
               "embedding_spread", "learning_rate", "grad_norm", "images_per_second")
 VAL_KEYS = ("accuracy", "accuracy_std", "val", "far", "auc", "eer", "threshold")
 
@@ -41,7 +41,8 @@ def plain_line(step: int, total: int, epoch: int, epochs: int, values: dict, eta
     """The non-terminal log line of one logging step."""
     parts = [f"step {step}/{total}", f"epoch {epoch}/{epochs}", f"loss {values['loss']:.4f}"]
     if "head_loss" in values and "triplet_loss" in values:
-        parts.append(f"(head {values['head_loss']:.4f} triplet {values['triplet_loss']:.4f})")
+        weight = f" x {values['head_weight']:.2f}" if "head_weight" in values else ""
+        parts.append(f"(head {values['head_loss']:.4f}{weight} triplet {values['triplet_loss']:.4f})")
     if "active_fraction" in values:
         parts.append(f"active {values['active_fraction']:.3f}")
     if "mean_pos_dist" in values:

@@ -16,8 +16,8 @@ import tensorflow as tf
 
 from mobilenet_embed.config import LOSS_REGISTRY, MARGIN_HEADS, load_config
 from mobilenet_embed.errors import UserError
-from mobilenet_embed.heads import (ArcFaceHead, arcface_target, head_class, head_from_config, margin_softmax_loss,
-                                   sample_classes)
+from mobilenet_embed.heads import (ArcFaceHead, arcface_target, head_class, head_fade_weight, head_from_config,
+                                   margin_softmax_loss, sample_classes)
 
 REPO = __import__("os").path.dirname(__import__("os").path.dirname(__import__("os").path.abspath(__file__)))
 
@@ -180,11 +180,28 @@ def test_registry_drives_config_and_heads():
     (["loss.name=arcface", "loss.triplet_term=triplet_hard"], "loss.triplet_term: not used (loss.triplet_weight is 0)"),
     (["loss.name=arcface", "loss.triplet_weight=1", "data.sampling=uniform"], "data.sampling: triplet losses"),
     (["loss.name=arcface", "loss.sample_rate=0"], "loss.sample_rate: expected a number > 0 and <= 1"),
+    (["loss.head_fade_epochs=[0, 1]"], "loss.head_fade_epochs: fades a margin head into its triplet term, so it "
+                                       "needs a head and loss.triplet_weight > 0 (loss.name is 'triplet_semihard')"),
+    (["loss.name=cosface", "loss.head_fade_epochs=[0, 1]"], "needs a head and loss.triplet_weight > 0 "
+                                                            "(loss.triplet_weight is 0), received [0, 1]"),
+    (["loss.name=cosface", "loss.triplet_weight=1", "loss.head_fade_epochs=[2, 1]"],
+     "loss.head_fade_epochs: expected [start, end] epochs with 0 <= start <= end, received [2, 1]"),
+    (["loss.name=cosface", "loss.triplet_weight=1", "loss.head_fade_epochs=[1]"], "expected [start, end] epochs"),
+    (["loss.name=cosface", "loss.triplet_weight=1", "loss.head_fade_epochs=[a, 2]"], "expected [start, end] epochs"),
+    (["loss.name=cosface", "loss.triplet_weight=1", "train.epochs=3", "loss.head_fade_epochs=[3, 4]"],
+     "loss.head_fade_epochs: the fade starts at epoch 3, after the run's 3 epochs (train.epochs)"),
 ])
 def test_loss_config_errors_are_one_line(overrides, message):
     with pytest.raises(UserError) as err:
         load_config(None, overrides)
     assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_head_fade_weight_falls_linearly_then_stays_at_zero():
+    weights = [float(head_fade_weight(tf.constant(step), 2, 6)) for step in range(9)]
+    assert weights == pytest.approx([1, 1, 1, 0.75, 0.5, 0.25, 0, 0, 0])
+    # start == end: a switch at that step
+    assert [float(head_fade_weight(tf.constant(step, tf.int64), 3, 3)) for step in range(5)] == [1, 1, 1, 0, 0]
 
 
 def test_triplet_term_options_used_with_weight():

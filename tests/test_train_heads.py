@@ -36,19 +36,24 @@ def _centres(run_dir, step):
     return reader.get_tensor("head/centres/.ATTRIBUTES/VARIABLE_VALUE")
 
 
-def _check_loss_terms(run_dir, overrides):
-    """With a triplet term each logged step holds both unweighted terms, and loss is their weighted
-    sum; without one there are no term keys."""
+def _train_records(run_dir):
     import json
 
     with open(f"{run_dir}/metrics.jsonl", encoding="utf-8") as fh:
-        steps = [r for r in map(json.loads, fh) if r["kind"] == "train"]
+        return [r for r in map(json.loads, fh) if r["kind"] == "train"]
+
+
+def _check_loss_terms(run_dir, overrides):
+    """With a triplet term each logged step holds both unweighted terms, and loss is their weighted
+    sum; without one there are no term keys."""
+    steps = _train_records(run_dir)
     assert len(steps) == 2
     weight = next((float(o.split("=")[1]) for o in overrides if o.startswith("loss.triplet_weight=")), 0.0)
     for record in steps:
         if weight:
+            head = record.get("head_weight", 1.0) * record["head_loss"]
             assert record["head_loss"] > 0 and record["triplet_loss"] >= 0
-            assert record["loss"] == pytest.approx(record["head_loss"] + weight * record["triplet_loss"], rel=1e-5)
+            assert record["loss"] == pytest.approx(head + weight * record["triplet_loss"], rel=1e-5)
         else:
             assert "head_loss" not in record and "triplet_loss" not in record
 
@@ -87,3 +92,20 @@ def test_resume_with_other_identities_is_refused(tmp_path):
     message = str(err.value)
     assert "cannot resume" in message and "12 identities" in message and "10 x 1" in message
     assert "\n" not in message
+
+
+@pytest.mark.slow
+def test_head_fades_into_the_triplet_term_and_resumes_on_schedule(tmp_path):
+    run = str(tmp_path / "run")
+    fade = TINY + ["loss.name=cosface", "loss.cosface.scale=16", "loss.triplet_weight=1",
+                   "loss.head_fade_epochs=[0, 1]"]
+    log = io.StringIO()
+    train(load_config(None, fade), run_dir=run, stream=log)
+    assert "(head " in log.getvalue() and " x 1.00 triplet" in log.getvalue()
+    # a resumed run reads the weight from the restored step: steps 3 and 4 are past the fade
+    train(load_config(None, fade + ["train.epochs=2"]), run_dir=run, stream=io.StringIO())
+    records = _train_records(run)
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert [r["head_weight"] for r in records] == pytest.approx([1.0, 0.5, 0.0, 0.0])
+    for r in records:
+        assert r["loss"] == pytest.approx(r["head_weight"] * r["head_loss"] + r["triplet_loss"], rel=1e-5, abs=1e-6)

@@ -135,4 +135,5 @@ def make_step(cfg: Config, strategy, parts: TrainParts, num_replicas: int, local
     return TrainStep(strategy, parts.model, parts.optimizer, parts.loss_fn, margin=parts.triplet_options.margin,
                      distance=parts.triplet_options.distance, cross_replica_mining=tcfg.cross_replica_mining,
                      clip_norm=tcfg.clip_norm, jit_compile=jit, local_replicas=local_replicas,
-                     step_variable=parts.step_var, head=parts.head, triplet_weight=cfg.loss.triplet_weight)
+                     step_variable=parts.step_var, head=parts.head, triplet_weight=cfg.loss.triplet_weight,
+                     head_fade=tuple(int(round(e * tcfg.steps_per_epoch)) for e in cfg.loss.head_fade_epochs) or None)

@@ -21,14 +21,16 @@ class TrainStep:
     is always all-gathered (each replica computes the logits of its shard of the classes).
     Calling returns a dict of scalars averaged over replicas: ``loss``, ``grad_norm`` (before
     clipping), with a head and a triplet term the two unweighted terms ``head_loss`` and
-    ``triplet_loss`` (``loss = head_loss + triplet_weight * triplet_loss``) and, when `with_stats`,
+    ``triplet_loss`` (``loss = head_weight * head_loss + triplet_weight * triplet_loss``;
+    ``head_weight``, logged too, is 1 unless `head_fade` = (start, end) steps fades it, see
+    `mobilenet_embed.heads.head_fade_weight`) and, when `with_stats`,
     the mining statistics of `mobilenet_embed.losses.mining_stats`.
     """
 
     def __init__(self, strategy, model, optimizer, loss_fn: Callable, *, margin: float, distance: str,
                  cross_replica_mining: bool = False, clip_norm: Optional[float] = None,
                  jit_compile: bool = False, local_replicas: int = 1, step_variable=None, head=None,
-                 triplet_weight: float = 0.0):
+                 triplet_weight: float = 0.0, head_fade: Optional[tuple] = None):
         import tensorflow as tf
 
         self.strategy = strategy
@@ -43,6 +45,7 @@ class TrainStep:
         self.step_variable = step_variable
         self.head = head
         self.triplet_weight = float(triplet_weight)
+        self.head_fade = head_fade
         self.loss_scaled = hasattr(optimizer, "scale_loss") and hasattr(optimizer, "inner_optimizer")
         self._replica_fns = {
             stats: (tf.function(self._make_replica_fn(stats), jit_compile=True) if jit_compile
@@ -74,7 +77,13 @@ class TrainStep:
                 else:
                     loss = self.head(labels, embeddings)
                     if self.triplet_weight > 0:
-                        terms = {"head_loss": loss, "triplet_loss": tf.cast(self.loss_fn(labels, embeddings), tf.float32)}
+                        triplet = tf.cast(self.loss_fn(labels, embeddings), tf.float32)
+                        terms = {"head_loss": loss, "triplet_loss": triplet}
+                        if self.head_fade is not None:
+                            from mobilenet_embed.heads import head_fade_weight
+
+                            terms["head_weight"] = head_fade_weight(self.step_variable.read_value(), *self.head_fade)
+                            loss = terms["head_weight"] * loss
                         loss = loss + self.triplet_weight * terms["triplet_loss"]
                 objective = loss / float(replicas)
                 if self.model.losses:
