@@ -530,8 +530,8 @@ def _check_head_fade(cfg: Config, source: str | None) -> None:
     if not numbers or not 0 <= fade[0] <= fade[1]:
         raise UserError(f"{key}: expected [start, end] epochs with 0 <= start <= end, received {_describe(fade)}")
     if fade[0] >= cfg.train.epochs:
-        raise UserError(f"{key}: the fade starts at epoch {fade[0]:g}, after the run's {cfg.train.epochs} "
-                        f"epochs (train.epochs), so it would never happen; received {_describe(fade)}")
+        raise UserError(f"{key}: the fade would start at epoch {fade[0]:g}, when the run has ended "
+                        f"(train.epochs {cfg.train.epochs}), so it would never happen; received {_describe(fade)}")
 
 
 def _check_consistency(cfg: Config, source: str | None) -> None:

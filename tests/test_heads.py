@@ -189,7 +189,7 @@ def test_registry_drives_config_and_heads():
     (["loss.name=cosface", "loss.triplet_weight=1", "loss.head_fade_epochs=[1]"], "expected [start, end] epochs"),
     (["loss.name=cosface", "loss.triplet_weight=1", "loss.head_fade_epochs=[a, 2]"], "expected [start, end] epochs"),
     (["loss.name=cosface", "loss.triplet_weight=1", "train.epochs=3", "loss.head_fade_epochs=[3, 4]"],
-     "loss.head_fade_epochs: the fade starts at epoch 3, after the run's 3 epochs (train.epochs)"),
+     "loss.head_fade_epochs: the fade would start at epoch 3, when the run has ended (train.epochs 3)"),
 ])
 def test_loss_config_errors_are_one_line(overrides, message):
     with pytest.raises(UserError) as err:

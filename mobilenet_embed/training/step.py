@@ -45,6 +45,8 @@ class TrainStep:
         self.step_variable = step_variable
         self.head = head
         self.triplet_weight = float(triplet_weight)
+        if head_fade is not None and (head is None or step_variable is None or not triplet_weight):
+            raise ValueError("head_fade needs a head, a triplet term and the step variable (it reads the step)")
         self.head_fade = head_fade
         self.loss_scaled = hasattr(optimizer, "scale_loss") and hasattr(optimizer, "inner_optimizer")
         self._replica_fns = {
