@@ -14,7 +14,8 @@ RUN`: its best checkpoint, chosen on fold 10 during training, so its fold-10 fig
 ``--final``: the run's last checkpoint instead, chosen by nothing);
 runs named in --align are evaluated with `--align` on raw photos (--raw-root for fold10 and
 heldout), each aligned on the fly. The accuracy
-is the 10-fold LFW accuracy (mean +- std over folds). MBEMBED overrides the command.
+is the 10-fold LFW accuracy (mean +- std over folds). MBEMBED overrides the command; by default
+it is `mbembed` on PATH, else the one beside this Python (a virtual environment not activated).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import argparse
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 
@@ -47,11 +49,24 @@ def last_checkpoint(run: str) -> str:
     return found.path
 
 
+def mbembed_command(environ: dict) -> list[str]:
+    """The `mbembed` command: $MBEMBED, else `mbembed` on PATH, else the one beside this Python."""
+    if environ.get("MBEMBED"):
+        return shlex.split(environ["MBEMBED"])
+    found = shutil.which("mbembed") or shutil.which("mbembed", path=os.path.dirname(sys.executable))
+    if found is None:
+        sys.exit("mbembed: not on PATH nor beside " + sys.executable + ": install the package or set MBEMBED")
+    return [found]
+
+
 def _evaluate(mbembed: list[str], run: str, checkpoint: str, extra: list[str], out: str) -> dict:
     cmd = mbembed + ["eval", "--config", os.path.join(run, "config.yaml"), "--checkpoint", checkpoint,
                      "--out", out] + extra
     print("$", " ".join(shlex.quote(c) for c in cmd), flush=True)
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+    except OSError as exc:
+        sys.exit(f"{cmd[0]}: cannot run ({exc.strerror}): install the package or set MBEMBED")
     if proc.returncode:
         sys.exit(f"failed ({proc.returncode}): {proc.stderr.strip().splitlines()[-1:]}")
     with open(os.path.join(out, "metrics.json"), encoding="utf-8") as fh:
@@ -69,7 +84,7 @@ def main(argv: list[str]) -> int:
                         help="evaluate each run's last checkpoint, not its best (chosen on fold 10)")
     parser.add_argument("--out", default="results/recipes/table.json")
     args = parser.parse_args(argv)
-    mbembed = shlex.split(os.environ.get("MBEMBED", "mbembed"))
+    mbembed = mbembed_command(dict(os.environ))
     table: dict = {}
     for run in args.runs + args.align:
         aligned = run in args.align
