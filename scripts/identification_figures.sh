@@ -6,11 +6,16 @@
 # 3. a real gallery (the protocol's 181 gallery images, linked into an identity folder), enrolled,
 #    then searched with the first two probes and the first two distractors at FAR 0.01 (pairs)
 #    and at FPIR 0.01 (the identification eval of step 2).
-# MBEMBED overrides the command (e.g. a wrapper that runs this checkout's mobilenet_embed.cli.run).
+# MBEMBED overrides the command (e.g. a wrapper that runs this checkout's mobilenet_embed.cli.run);
+# by default it is `mbembed` on PATH, else this checkout's .venv/bin/mbembed (an environment not activated).
 set -euo pipefail
 CKPT=${1:-runs/lfw}
 OUT=${2:-results/lfw/identification}
-MBEMBED=${MBEMBED:-mbembed}
+if [ -z "${MBEMBED:-}" ]; then
+    if command -v mbembed >/dev/null; then MBEMBED=mbembed
+    elif [ -x .venv/bin/mbembed ]; then MBEMBED=$(pwd)/.venv/bin/mbembed
+    else echo "mbembed: not on PATH nor in .venv/bin: install the package or set MBEMBED" >&2; exit 2; fi
+fi
 ROOT=$(cd ../shared/data/lfw/images_deepfunneled && pwd)
 PROTO=configs/identification/lfw_fold10
 OUT=$(mkdir -p "$OUT" && cd "$OUT" && pwd)
