@@ -224,6 +224,7 @@ def _validate_loss(self, data_cfg: "DataConfig", source: str) -> None:
                 raise UserError(f"{source}: loss.{name}.{f.name}: not used ({why}), received {_describe(value)}")
     if chosen.kind == "triplet":
         for key, value, neutral in (("triplet_weight", self.triplet_weight, 0.0), ("sample_rate", self.sample_rate, 1.0),
+                                    ("centre_lr_multiplier", self.centre_lr_multiplier, 1.0),
                                     ("triplet_term", self.triplet_term, "triplet_semihard")):
             if value != neutral:
                 raise UserError(f"{source}: loss.{key}: only applies to a margin head ({', '.join(MARGIN_HEADS)}); "
@@ -250,6 +251,8 @@ LossConfig = dataclasses.make_dataclass(
      ("head_fade_epochs", list, _spec(factory=list, doc="margin heads with a triplet term: [start, end] epochs over which the head's weight falls linearly from 1 to 0, leaving the triplet term ([]: the head throughout)")),
      ("sample_rate", float, _spec(1.0, low=0.0, high=1.0, low_open=True,
                                   doc="margin heads (Partial FC): fraction of the class centres each step uses, positives always included")),
+     ("centre_lr_multiplier", float, _spec(1.0, low=0.0, low_open=True,
+                                           doc="margin heads: the class centres step at this times train.learning_rate's schedule (weight decay keeps the schedule's rate)")),
      *[(name, choice.options, field(default_factory=choice.options)) for name, choice in LOSS_REGISTRY.items()]],
     namespace={"moved_key": _loss_moved_key, "validate": _validate_loss,
                "__doc__": "The `loss` section: `name` picks an entry of `LOSS_REGISTRY`; each entry's options "

@@ -149,7 +149,8 @@ OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop", "adagrad")
 
 
 def _skip_cross_replica_sum(optimizer_cls: type) -> type:
-    """`optimizer_cls` whose apply() does not sum gradients across replicas.
+    """`optimizer_cls` whose apply() does not sum gradients across replicas, and whose
+    `scale_learning_rate(var_list, multiplier)` gives some variables their own rate.
 
     Keras' TensorFlow optimizers all-reduce (sum) the gradients they are given when called in a
     replica context. The train step sums them itself, once, so that it can clip the norm of the
@@ -160,6 +161,22 @@ def _skip_cross_replica_sum(optimizer_cls: type) -> type:
     class PreReduced(optimizer_cls):  # type: ignore[misc, valid-type]
         def _all_reduce_sum_gradients(self, grads_and_vars):
             return list(grads_and_vars)
+
+        def scale_learning_rate(self, var_list: list, multiplier: float) -> None:
+            """Step `var_list` at `multiplier` times the schedule's rate (a PyTorch parameter
+            group's own ``lr``); call before the first step. Decoupled weight decay keeps the
+            schedule's rate, as Keras computes it apart from the step."""
+            if not multiplier > 0:
+                raise ValueError(f"learning-rate multiplier must be > 0, received {multiplier}")
+            scaled = getattr(self, "_lr_multipliers", {})
+            scaled.update({self._var_key(v): float(multiplier) for v in var_list})
+            self._lr_multipliers = scaled
+
+        def update_step(self, gradient, variable, learning_rate):
+            multiplier = getattr(self, "_lr_multipliers", {}).get(self._var_key(variable), 1.0)
+            if multiplier != 1.0:
+                learning_rate = learning_rate * multiplier
+            return super().update_step(gradient, variable, learning_rate)
 
     PreReduced.__name__ = optimizer_cls.__name__
     PreReduced.__qualname__ = optimizer_cls.__qualname__

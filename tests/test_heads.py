@@ -180,6 +180,8 @@ def test_registry_drives_config_and_heads():
     (["loss.name=arcface", "loss.triplet_term=triplet_hard"], "loss.triplet_term: not used (loss.triplet_weight is 0)"),
     (["loss.name=arcface", "loss.triplet_weight=1", "data.sampling=uniform"], "data.sampling: triplet losses"),
     (["loss.name=arcface", "loss.sample_rate=0"], "loss.sample_rate: expected a number > 0 and <= 1"),
+    (["loss.centre_lr_multiplier=10"], "loss.centre_lr_multiplier: only applies to a margin head"),
+    (["loss.name=arcface", "loss.centre_lr_multiplier=0"], "loss.centre_lr_multiplier: expected a number > 0"),
     (["loss.head_fade_epochs=[0, 1]"], "loss.head_fade_epochs: fades a margin head into its triplet term, so it "
                                        "needs a head and loss.triplet_weight > 0 (loss.name is 'triplet_semihard')"),
     (["loss.name=cosface", "loss.head_fade_epochs=[0, 1]"], "needs a head and loss.triplet_weight > 0 "
@@ -413,6 +415,26 @@ SHARD_STORAGE_SCRIPT = textwrap.dedent(
     out["moments_to_one_device"] = float(np.abs(one_momentum.numpy() - moments).max())
     out["moments_differ"] = bool(np.abs(moments[:6] - moments[6:]).max() > 1e-3)
 
+    # a learning-rate multiplier on the sharded centres: each replica's shard steps 4 times as far
+    with strategy.scope():
+        scaled = head_class("arcface")(C, D, opts)
+        scaled_opt = build_optimizer(TrainConfig())
+        scaled_opt.build(list(scaled.trainable_variables))
+        scaled_opt.scale_learning_rate(scaled.trainable_variables, 4.0)
+    start = scaled.full_centres().numpy()
+
+    @tf.function
+    def scaled_step():
+        def fn():
+            ctx = tf.distribute.get_replica_context()
+            grad = tf.ones_like(scaled.centres.value) * tf.cast(ctx.replica_id_in_sync_group + 1, tf.float32)
+            scaled_opt.apply([grad], [scaled.centres])
+        strategy.run(fn)
+    scaled_step()
+    out["scaled_step"] = (start - scaled.full_centres().numpy()).tolist()
+    fresh = head_class("arcface")(C, D, opts).centres.numpy()  # the initial centres (seeded), as init_diff shows
+    out["plain_step"] = (fresh - head.full_centres().numpy()).tolist()
+
     # the CLI loop: two steps with every replica holding its shard, then resumed on two replicas
     tiny = ["data.source=synthetic", "data.image_size=32", "data.synthetic_identities=12",
             "data.synthetic_images_per_identity=4", "data.val_identities=0", "model.alpha=0.25",
@@ -449,6 +471,9 @@ def test_each_replica_stores_only_its_shard_of_the_centres(tmp_path):
     assert sorted(s for n, s in out["saved"].items() if n.startswith("optimizer/")) == [[12, 4], [12, 4]]
     assert out["moments_differ"]
     assert out["to_one_device"] == 0.0 and out["moments_to_one_device"] == 0.0
+    plain, scaled = np.array(out["plain_step"]), np.array(out["scaled_step"])
+    assert np.abs(plain).min() > 1e-4  # every row of both shards moved
+    np.testing.assert_allclose(scaled, 4.0 * plain, rtol=1e-4)
     run = out["run"]
     assert run["steps"] == [2, 4] and run["resumed_from"] == 2
     assert run["centres"] == [12, 16] and run["finite"] and not run["nan_in_log"]

@@ -127,3 +127,35 @@ def test_config_schedule_keys_round_trip():
     cfg = load_config(None, ["train.lr_schedule=piecewise", "train.lr_piecewise=[[0, 0.1], [10, 0.01]]",
                              "train.steps_per_epoch=5"])
     assert float(build_schedule(cfg.train)(50)) == pytest.approx(0.01)
+
+
+@pytest.mark.parametrize("name", ["adam", "sgd", "rmsprop"])
+@pytest.mark.parametrize("loss_scale", [False, True])
+def test_scaled_variables_step_at_their_multiple_of_the_rate(name, loss_scale):
+    """Two variables with the same gradient: the scaled one moves `multiplier` times as far, over
+    several steps (momentum and moments included), the other as without any scaling."""
+    cfg = _train_cfg(optimizer=name, learning_rate=0.01, momentum=0.9)
+    plain, scaled, alone = (keras.Variable(np.ones(4, np.float32)) for _ in range(3))
+    opt = build_optimizer(cfg, loss_scale=loss_scale)
+    inner = getattr(opt, "inner_optimizer", opt)
+    inner.scale_learning_rate([scaled], 5.0)
+    reference = build_optimizer(cfg, loss_scale=loss_scale)
+    opt.build([plain, scaled])
+    reference.build([alone])
+    for step in range(3):
+        grad = np.array([1.0, -2.0, 0.5, 3.0], np.float32) * (step + 1)
+        if loss_scale:  # the loss-scale optimizer is handed scaled gradients and unscales them
+            grad = grad * float(keras.ops.convert_to_numpy(opt.dynamic_scale))
+        grad = keras.ops.convert_to_tensor(grad)
+        opt.apply([grad, grad], [plain, scaled])
+        reference.apply([grad], [alone])
+    moved_plain = 1.0 - keras.ops.convert_to_numpy(plain)
+    assert np.abs(moved_plain).min() > 1e-3
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(plain), keras.ops.convert_to_numpy(alone), rtol=1e-6)
+    np.testing.assert_allclose(1.0 - keras.ops.convert_to_numpy(scaled), 5.0 * moved_plain, rtol=1e-4)
+
+
+def test_scale_learning_rate_refuses_a_non_positive_multiplier():
+    opt = build_optimizer(_train_cfg())
+    with pytest.raises(ValueError, match="multiplier must be > 0, received 0"):
+        opt.scale_learning_rate([keras.Variable(np.ones(2, np.float32))], 0.0)

@@ -109,3 +109,31 @@ def test_head_fades_into_the_triplet_term_and_resumes_on_schedule(tmp_path):
     assert [r["head_weight"] for r in records] == pytest.approx([1.0, 0.5, 0.0, 0.0])
     for r in records:
         assert r["loss"] == pytest.approx(r["head_weight"] * r["head_loss"] + r["triplet_loss"], rel=1e-5, abs=1e-6)
+
+
+@pytest.mark.slow
+def test_centre_lr_multiplier_scales_the_centres_step_only(tmp_path):
+    """One Adam step at loss.centre_lr_multiplier 10 moves the class centres ten times as far as at
+    1 and leaves the model's step as it was (its gradient does not depend on the centres' update)."""
+    import keras
+    import tensorflow as tf
+
+    from mobilenet_embed.heads import head_from_config
+
+    base = TINY + ["loss.name=arcface", "loss.arcface.scale=16", "train.steps_per_epoch=1",
+                   "train.lr_schedule=constant", "train.learning_rate=0.001"]
+    runs = {}
+    for k in (1, 10):
+        run = str(tmp_path / f"k{k}")
+        train(load_config(None, base + [f"loss.centre_lr_multiplier={k}"]), run_dir=run, stream=io.StringIO())
+        model = keras.models.load_model(f"{run}/model.keras")
+        runs[k] = (_centres(run, 1), [w.numpy() for w in model.weights])
+    cfg = load_config(None, base)
+    start = head_from_config(cfg.loss, 12, 16, seed=cfg.seed).full_centres()
+    start = start.numpy() if isinstance(start, tf.Tensor) else np.asarray(start)
+    moved_1, moved_10 = runs[1][0] - start, runs[10][0] - start
+    big = np.abs(moved_1) > 1e-4  # centres with a gradient (Adam's first step is ~lr per element)
+    assert big.sum() > 16
+    np.testing.assert_allclose(moved_10[big], 10 * moved_1[big], rtol=1e-3)
+    for a, b in zip(runs[1][1], runs[10][1]):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
