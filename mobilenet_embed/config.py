@@ -225,11 +225,15 @@ def _validate_loss(self, data_cfg: "DataConfig", source: str) -> None:
     if chosen.kind == "triplet":
         for key, value, neutral in (("triplet_weight", self.triplet_weight, 0.0), ("sample_rate", self.sample_rate, 1.0),
                                     ("centre_lr_multiplier", self.centre_lr_multiplier, 1.0),
+                                    ("margin_warmup_epochs", self.margin_warmup_epochs, 0.0),
                                     ("triplet_term", self.triplet_term, "triplet_semihard")):
             if value != neutral:
                 raise UserError(f"{source}: loss.{key}: only applies to a margin head ({', '.join(MARGIN_HEADS)}); "
                                 f"loss.name is {self.name!r}, received {_describe(value)}")
-    elif self.triplet_weight == 0 and self.triplet_term != "triplet_semihard":
+    elif self.margin_warmup_epochs and "margin" not in {f.name for f in dataclasses.fields(chosen.options)}:
+        raise UserError(f"{source}: loss.margin_warmup_epochs: {self.name} has no margin to warm up, "
+                        f"received {_describe(self.margin_warmup_epochs)}")
+    if chosen.kind == "margin" and self.triplet_weight == 0 and self.triplet_term != "triplet_semihard":
         raise UserError(f"{source}: loss.triplet_term: not used (loss.triplet_weight is 0), "
                         f"received {_describe(self.triplet_term)}")
     if self.head_fade_epochs and (chosen.kind == "triplet" or self.triplet_weight == 0):
@@ -251,6 +255,8 @@ LossConfig = dataclasses.make_dataclass(
      ("head_fade_epochs", list, _spec(factory=list, doc="margin heads with a triplet term: [start, end] epochs over which the head's weight falls linearly from 1 to 0, leaving the triplet term ([]: the head throughout)")),
      ("sample_rate", float, _spec(1.0, low=0.0, high=1.0, low_open=True,
                                   doc="margin heads (Partial FC): fraction of the class centres each step uses, positives always included")),
+     ("margin_warmup_epochs", float, _spec(0.0, low=0.0,
+                                          doc="margin heads: epochs over which the margin grows linearly from 0 (a plain normalised softmax) to its value (0: none)")),
      ("centre_lr_multiplier", float, _spec(1.0, low=0.0, low_open=True,
                                            doc="margin heads: the class centres step at this times train.learning_rate's schedule (weight decay keeps the schedule's rate)")),
      *[(name, choice.options, field(default_factory=choice.options)) for name, choice in LOSS_REGISTRY.items()]],
@@ -554,6 +560,10 @@ def _check_consistency(cfg: Config, source: str | None) -> None:
     _check_augment(cfg.data, source)
     cfg.loss.validate(cfg.data, source)
     _check_head_fade(cfg, source)
+    if cfg.loss.margin_warmup_epochs > cfg.train.epochs:
+        raise UserError(f"{source or '--set'}: loss.margin_warmup_epochs: the warm-up is longer than the run "
+                        f"(train.epochs {cfg.train.epochs}), so the margin would never reach "
+                        f"loss.{cfg.loss.name}.margin; received {_describe(cfg.loss.margin_warmup_epochs)}")
     if not cfg.export.formats:
         raise UserError(f"{source or '--set'}: export.formats: expected at least one format, received []")
 

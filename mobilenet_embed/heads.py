@@ -59,20 +59,29 @@ def cosface_target(cos: tf.Tensor, margin: float) -> tf.Tensor:
     return cos - margin
 
 
-def arcface_target(cos: tf.Tensor, margin: float, easy_margin: bool = False) -> tf.Tensor:
+def arcface_target(cos: tf.Tensor, margin, easy_margin: bool = False) -> tf.Tensor:
     """ArcFace: ``cos(theta + m)``, with insightface's handling where ``theta + m`` leaves [0, pi].
 
     ``cos(theta + m)`` is not monotonic in theta beyond ``pi - m``: there (``cos <= cos(pi - m)``)
     the default uses ``cos - m sin(m)`` (CombinedMarginLoss' ``target - sinmm``), a linear
     continuation; with `easy_margin` the margin is applied only where ``cos > 0`` and the plain
     cosine is kept elsewhere. ``sin(theta)`` is ``sqrt(max(1 - cos^2, 1e-12))``: finite gradient
-    at ``cos = +-1``.
+    at ``cos = +-1``. `margin` is a number or a float32 scalar tensor (`warmed_margin`).
     """
+    trig = math if isinstance(margin, (int, float)) else tf.math
     sin = tf.sqrt(tf.maximum(1.0 - tf.square(cos), 1e-12))
-    with_margin = cos * math.cos(margin) - sin * math.sin(margin)
+    with_margin = cos * trig.cos(margin) - sin * trig.sin(margin)
     if easy_margin:
         return tf.where(cos > 0.0, with_margin, cos)
-    return tf.where(cos > math.cos(math.pi - margin), with_margin, cos - math.sin(math.pi - margin) * margin)
+    return tf.where(cos > trig.cos(math.pi - margin), with_margin, cos - trig.sin(math.pi - margin) * margin)
+
+
+def warmed_margin(step: tf.Tensor, margin: float, warmup_steps: int) -> tf.Tensor:
+    """The margin at 0-based `step` under ``loss.margin_warmup_epochs`` (in steps): ``m * step /
+    warmup_steps`` up to `warmup_steps`, ``m`` from then on, so training starts as a plain
+    normalised softmax and the margin grows as the centres form (float32 scalar)."""
+    progress = tf.cast(step, tf.float32) / float(max(warmup_steps, 1))
+    return float(margin) * tf.minimum(progress, 1.0)
 
 
 def subcenter_max(cos: tf.Tensor, subcenters: int) -> tf.Tensor:
@@ -192,7 +201,7 @@ class MarginHead(tf.Module):
     name_: str = ""
 
     def __init__(self, num_classes: int, embedding_size: int, options, *, sample_rate: float = 1.0,
-                 seed: int = 0, step: Optional[tf.Variable] = None):
+                 seed: int = 0, step: Optional[tf.Variable] = None, margin_warmup_steps: int = 0):
         super().__init__(name=f"{self.name_}_head")
         if num_classes < 2:
             raise UserError(f"{self.name_}: a margin head needs at least 2 identities, received {num_classes}")
@@ -204,6 +213,9 @@ class MarginHead(tf.Module):
         self.sample_rate = float(sample_rate)
         self.seed = int(seed)
         self.step = step
+        if margin_warmup_steps and (step is None or not hasattr(options, "margin")):
+            raise ValueError(f"{self.name_}: a margin warm-up needs a head with a margin and the step variable")
+        self.margin_warmup_steps = int(margin_warmup_steps)
         from mobilenet_embed import distribute
 
         init = keras.initializers.RandomNormal(stddev=0.01, seed=seed)
@@ -262,6 +274,12 @@ class MarginHead(tf.Module):
     def target(self, cos: tf.Tensor) -> tf.Tensor:  # pragma: no cover - each head defines it
         raise NotImplementedError
 
+    def margin(self):
+        """The margin of this step: ``options.margin``, or during a warm-up `warmed_margin`."""
+        if not self.margin_warmup_steps:
+            return self.options.margin
+        return warmed_margin(self.step.read_value(), self.options.margin, self.margin_warmup_steps)
+
     def loss(self, labels: tf.Tensor, embeddings: tf.Tensor) -> tf.Tensor:
         """The float32 loss of (global) labels and embeddings; sharded across replicas when there are several."""
         ctx = tf.distribute.get_replica_context()
@@ -305,7 +323,7 @@ class CosFaceHead(MarginHead):
     name_ = "cosface"
 
     def target(self, cos):
-        return cosface_target(cos, self.options.margin)
+        return cosface_target(cos, self.margin())
 
 
 class ArcFaceHead(MarginHead):
@@ -314,7 +332,7 @@ class ArcFaceHead(MarginHead):
     name_ = "arcface"
 
     def target(self, cos):
-        return arcface_target(cos, self.options.margin, self.options.easy_margin)
+        return arcface_target(cos, self.margin(), self.options.easy_margin)
 
 
 class SubcenterArcFaceHead(ArcFaceHead):
@@ -334,8 +352,13 @@ def head_class(name: str) -> type[MarginHead]:
 
 
 def head_from_config(loss_cfg, num_classes: int, embedding_size: int, seed: int = 0,
-                     step: Optional[tf.Variable] = None) -> MarginHead:
-    """The margin head of the config's `loss` section (call under the strategy's scope)."""
+                     step: Optional[tf.Variable] = None, steps_per_epoch: int = 0) -> MarginHead:
+    """The margin head of the config's `loss` section (call under the strategy's scope);
+    `steps_per_epoch` turns ``loss.margin_warmup_epochs`` into steps (it needs `step`)."""
     cls = head_class(loss_cfg.name)
+    warmup = int(round(loss_cfg.margin_warmup_epochs * steps_per_epoch))
+    if loss_cfg.margin_warmup_epochs and warmup < 1:
+        raise UserError(f"loss.margin_warmup_epochs: {loss_cfg.margin_warmup_epochs:g} epochs of "
+                        f"{steps_per_epoch} steps is less than one step")
     return cls(num_classes, embedding_size, getattr(loss_cfg, loss_cfg.name), sample_rate=loss_cfg.sample_rate,
-               seed=seed, step=step)
+               seed=seed, step=step, margin_warmup_steps=warmup)

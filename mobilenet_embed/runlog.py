@@ -26,8 +26,8 @@ from typing import IO, Optional
 from mobilenet_embed.atomic import write_text
 from mobilenet_embed.records import jsonable
 
-TRAIN_KEYS = ("loss", "head_loss", "head_weight", "triplet_loss", "active_fraction", "mean_pos_dist", "mean_neg_dist",
-              "embedding_spread", "learning_rate", "grad_norm", "images_per_second")
+TRAIN_KEYS = ("loss", "head_loss", "head_weight", "triplet_loss", "margin", "active_fraction", "mean_pos_dist",
+              "mean_neg_dist", "embedding_spread", "learning_rate", "grad_norm", "images_per_second")
 VAL_KEYS = ("accuracy", "accuracy_std", "val", "far", "auc", "eer", "threshold")
 
 
@@ -43,6 +43,8 @@ def plain_line(step: int, total: int, epoch: int, epochs: int, values: dict, eta
     if "head_loss" in values and "triplet_loss" in values:
         weight = f" x {values['head_weight']:.2f}" if "head_weight" in values else ""
         parts.append(f"(head {values['head_loss']:.4f}{weight} triplet {values['triplet_loss']:.4f})")
+    if "margin" in values:
+        parts.append(f"margin {values['margin']:.3f}")
     if "active_fraction" in values:
         parts.append(f"active {values['active_fraction']:.3f}")
     if "mean_pos_dist" in values:

@@ -17,7 +17,7 @@ import tensorflow as tf
 from mobilenet_embed.config import LOSS_REGISTRY, MARGIN_HEADS, load_config
 from mobilenet_embed.errors import UserError
 from mobilenet_embed.heads import (ArcFaceHead, arcface_target, head_class, head_fade_weight, head_from_config,
-                                   margin_softmax_loss, sample_classes)
+                                   margin_softmax_loss, sample_classes, warmed_margin)
 
 REPO = __import__("os").path.dirname(__import__("os").path.dirname(__import__("os").path.abspath(__file__)))
 
@@ -181,6 +181,11 @@ def test_registry_drives_config_and_heads():
     (["loss.name=arcface", "loss.triplet_weight=1", "data.sampling=uniform"], "data.sampling: triplet losses"),
     (["loss.name=arcface", "loss.sample_rate=0"], "loss.sample_rate: expected a number > 0 and <= 1"),
     (["loss.centre_lr_multiplier=10"], "loss.centre_lr_multiplier: only applies to a margin head"),
+    (["loss.margin_warmup_epochs=1"], "loss.margin_warmup_epochs: only applies to a margin head"),
+    (["loss.name=softmax", "loss.margin_warmup_epochs=1"], "loss.margin_warmup_epochs: softmax has no margin to warm up"),
+    (["loss.name=arcface", "train.epochs=2", "loss.margin_warmup_epochs=3"],
+     "loss.margin_warmup_epochs: the warm-up is longer than the run (train.epochs 2), so the margin would never "
+     "reach loss.arcface.margin; received 3"),
     (["loss.name=arcface", "loss.centre_lr_multiplier=0"], "loss.centre_lr_multiplier: expected a number > 0"),
     (["loss.head_fade_epochs=[0, 1]"], "loss.head_fade_epochs: fades a margin head into its triplet term, so it "
                                        "needs a head and loss.triplet_weight > 0 (loss.name is 'triplet_semihard')"),
@@ -204,6 +209,46 @@ def test_head_fade_weight_falls_linearly_then_stays_at_zero():
     assert weights == pytest.approx([1, 1, 1, 0.75, 0.5, 0.25, 0, 0, 0])
     # start == end: a switch at that step
     assert [float(head_fade_weight(tf.constant(step, tf.int64), 3, 3)) for step in range(5)] == [1, 1, 1, 0, 0]
+
+
+def test_warmed_margin_grows_linearly_then_stays():
+    margins = [float(warmed_margin(tf.constant(step, tf.int64), 0.4, 4)) for step in range(7)]
+    assert margins == pytest.approx([0.0, 0.1, 0.2, 0.3, 0.4, 0.4, 0.4])
+
+
+@pytest.mark.parametrize("easy_margin", [False, True])
+def test_arcface_target_takes_a_tensor_margin(easy_margin):
+    cos = tf.constant([-0.999, -0.95, -0.5, 0.0, 0.3, 0.99, 1.0, -1.0])
+    for m in (0.0, 0.2, 0.5):
+        np.testing.assert_allclose(arcface_target(cos, tf.constant(m), easy_margin).numpy(),
+                                   arcface_target(cos, m, easy_margin).numpy(), atol=1e-6)
+
+
+@pytest.mark.parametrize("name, opts", [("cosface", dict(margin=0.35, scale=8.0)),
+                                        ("arcface", dict(margin=0.5, scale=16.0, easy_margin=True))])
+def test_margin_warmup_starts_as_softmax_and_ends_at_the_margin(name, opts):
+    """With a 4-step warm-up the head's loss at step 0 is the normalised softmax's, at step 2 that
+    of half the margin, and from step 4 on the full margin's (NumPy reference throughout)."""
+    labels, emb, centres = problem(4)
+    step = tf.Variable(0, dtype=tf.int64)
+    head = _head(name, opts, 10, 6, step=step, margin_warmup_steps=4)
+    head.centres.assign(centres.astype(np.float32))
+    args = (tf.constant(labels), tf.constant(emb, tf.float32))
+    for at, margin in ((0, 0.0), (2, opts["margin"] / 2), (4, opts["margin"]), (9, opts["margin"])):
+        step.assign(at)
+        ref = reference_loss(labels, emb, centres, name, margin, opts["scale"], opts.get("easy_margin", False))
+        assert float(tf.function(head.loss)(*args)) == pytest.approx(ref, rel=1e-5)
+    assert reference_loss(labels, emb, centres, name, 0.0, opts["scale"]) < ref  # the margin matters here
+    with pytest.raises(ValueError, match="needs a head with a margin and the step variable"):
+        _head(name, opts, 10, 6, margin_warmup_steps=4)
+
+
+def test_margin_warmup_epochs_become_steps():
+    cfg = load_config(None, ["loss.name=arcface", "train.epochs=2", "loss.margin_warmup_epochs=1.5"])
+    head = head_from_config(cfg.loss, 5, 4, step=tf.Variable(0, dtype=tf.int64), steps_per_epoch=10)
+    assert head.margin_warmup_steps == 15
+    with pytest.raises(UserError, match="loss.margin_warmup_epochs: 1.5 epochs of 0 steps is less than one step"):
+        head_from_config(cfg.loss, 5, 4, step=tf.Variable(0, dtype=tf.int64))
 
 
 def test_triplet_term_options_used_with_weight():

@@ -19,10 +19,11 @@ TINY = [
     "train.steps_per_epoch=2", "train.log_every_steps=1", "train.checkpoint_every_steps=1",
 ]
 
-# every head once; softmax with uniform sampling, ArcFace with a triplet term and Partial FC sampling
+# every head once; softmax with uniform sampling, CosFace with a margin warm-up, ArcFace with a
+# triplet term and Partial FC sampling
 VARIANTS = [
     ["loss.name=softmax", "loss.softmax.scale=16", "data.sampling=uniform"],
-    ["loss.name=cosface", "loss.cosface.scale=16"],
+    ["loss.name=cosface", "loss.cosface.scale=16", "loss.margin_warmup_epochs=1"],
     ["loss.name=arcface", "loss.arcface.scale=16", "loss.triplet_weight=0.5", "loss.sample_rate=0.5"],
     ["loss.name=subcenter_arcface", "loss.subcenter_arcface.scale=16"],
 ]
@@ -79,6 +80,11 @@ def test_every_head_trains_and_resumes(tmp_path, overrides):
     assert again.resumed_from == 2 and again.steps == 4, log.getvalue()
     assert np.isfinite(_centres(run, 4)).all()
     assert "loss" in log.getvalue() and "nan" not in log.getvalue()
+    # CosFace's margin (0.4) warms up over epoch 1 (2 steps), read from the step: the resumed steps have it all
+    margins = [r.get("margin") for r in _train_records(run)]
+    warm = any(o.startswith("loss.margin_warmup_epochs=") for o in overrides)
+    assert margins == (pytest.approx([0.0, 0.2, 0.4, 0.4]) if warm else [None] * 4)
+    assert ("margin 0.400" in log.getvalue()) == warm
 
 
 @pytest.mark.slow

@@ -96,7 +96,8 @@ def build_parts(cfg: Config, strategy, num_replicas: int, num_identities: int, c
         optimizer = build_optimizer(tcfg, model, build_schedule(tcfg), loss_scale=tcfg.precision == "mixed_float16")
         step_var = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")
         # the margin head's class centres: trained and checkpointed with the model, never exported
-        head = (head_from_config(cfg.loss, num_identities, cfg.model.embedding_size, seed=cfg.seed, step=step_var)
+        head = (head_from_config(cfg.loss, num_identities, cfg.model.embedding_size, seed=cfg.seed, step=step_var,
+                                 steps_per_epoch=tcfg.steps_per_epoch)
                 if with_head else None)
         optimizer.build(list(model.trainable_variables) + (list(head.trainable_variables) if head else []))
         if head is not None and cfg.loss.centre_lr_multiplier != 1.0:

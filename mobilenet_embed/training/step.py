@@ -23,7 +23,8 @@ class TrainStep:
     clipping), with a head and a triplet term the two unweighted terms ``head_loss`` and
     ``triplet_loss`` (``loss = head_weight * head_loss + triplet_weight * triplet_loss``;
     ``head_weight``, logged too, is 1 unless `head_fade` = (start, end) steps fades it, see
-    `mobilenet_embed.heads.head_fade_weight`) and, when `with_stats`,
+    `mobilenet_embed.heads.head_fade_weight`), during a head's margin warm-up the step's
+    ``margin`` (`mobilenet_embed.heads.warmed_margin`) and, when `with_stats`,
     the mining statistics of `mobilenet_embed.losses.mining_stats`.
     """
 
@@ -87,6 +88,8 @@ class TrainStep:
                             terms["head_weight"] = head_fade_weight(self.step_variable.read_value(), *self.head_fade)
                             loss = terms["head_weight"] * loss
                         loss = loss + self.triplet_weight * terms["triplet_loss"]
+                    if self.head.margin_warmup_steps:
+                        terms["margin"] = tf.cast(self.head.margin(), tf.float32)
                 objective = loss / float(replicas)
                 if self.model.losses:
                     objective += tf.add_n([tf.cast(x, tf.float32) for x in self.model.losses]) / float(replicas)
