@@ -440,14 +440,13 @@ SHARD_STORAGE_SCRIPT = textwrap.dedent(
     one = head_class("arcface")(C, D, opts)
     out["init_diff"] = float(np.abs(head.full_centres().numpy() - one.centres.numpy()).max())
 
-    @tf.function
-    def step():  # a different gradient on each replica: the shards' moments differ
+    def step(h, optimizer):  # a different gradient on each replica: the shards' moments differ
         def fn():
             ctx = tf.distribute.get_replica_context()
-            grad = tf.ones_like(head.centres.value) * tf.cast(ctx.replica_id_in_sync_group + 1, tf.float32)
-            opt.apply([grad], [head.centres])
-        strategy.run(fn)
-    step()
+            grad = tf.ones_like(h.centres.value) * tf.cast(ctx.replica_id_in_sync_group + 1, tf.float32)
+            optimizer.apply([grad], [h.centres])
+        tf.function(lambda: strategy.run(fn))()
+    step(head, opt)
     momentum = [v for v in opt.variables if v.path.endswith("class_centres_momentum")][0]
     moments = np.concatenate([c.numpy() for c in momentum.value.values])
     path = tf.train.Checkpoint(head=head, optimizer=opt).write(sys.argv[1] + "/ckpt")
@@ -467,15 +466,7 @@ SHARD_STORAGE_SCRIPT = textwrap.dedent(
         scaled_opt.build(list(scaled.trainable_variables))
         scaled_opt.scale_learning_rate(scaled.trainable_variables, 4.0)
     start = scaled.full_centres().numpy()
-
-    @tf.function
-    def scaled_step():
-        def fn():
-            ctx = tf.distribute.get_replica_context()
-            grad = tf.ones_like(scaled.centres.value) * tf.cast(ctx.replica_id_in_sync_group + 1, tf.float32)
-            scaled_opt.apply([grad], [scaled.centres])
-        strategy.run(fn)
-    scaled_step()
+    step(scaled, scaled_opt)
     out["scaled_step"] = (start - scaled.full_centres().numpy()).tolist()
     fresh = head_class("arcface")(C, D, opts).centres.numpy()  # the initial centres (seeded), as init_diff shows
     out["plain_step"] = (fresh - head.full_centres().numpy()).tolist()

@@ -100,10 +100,10 @@ def build_parts(cfg: Config, strategy, num_replicas: int, num_identities: int, c
                                  steps_per_epoch=tcfg.steps_per_epoch)
                 if with_head else None)
         optimizer.build(list(model.trainable_variables) + (list(head.trainable_variables) if head else []))
-        if head is not None and cfg.loss.centre_lr_multiplier != 1.0:
-            getattr(optimizer, "inner_optimizer", optimizer).scale_learning_rate(
-                head.trainable_variables, cfg.loss.centre_lr_multiplier)
         if head is not None:
+            if cfg.loss.centre_lr_multiplier != 1.0:
+                getattr(optimizer, "inner_optimizer", optimizer).scale_learning_rate(
+                    head.trainable_variables, cfg.loss.centre_lr_multiplier)
             head.track_optimizer_slots(optimizer)  # sharded centres: their moments are saved whole too
     checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, step=step_var,
                                      **({"head": head} if head is not None else {}))
