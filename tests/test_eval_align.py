@@ -204,21 +204,21 @@ def photos(tmp_path_factory):
     return str(root)
 
 
-def _aligned_as_the_folder_is(same_shape_paths) -> np.ndarray:
-    """The first photo's crop when it is detected together with the folder's other photo of its
-    shape, as the pipeline does (one detector call per shape): MTCNN's batched call can place the
-    landmarks a hair away from a one-image call (one grey level in the crop), which is not the
-    pipeline's doing."""
+def _astronaut_embedding(run, photos) -> np.ndarray:
+    """The embedding the aligned pipeline should give the astronaut (Eileen_Collins_0001): aligned
+    as `mbembed align` would, detected together with the folder's other 512x512 photo as the
+    pipeline does (one detector call per shape: MTCNN's batched call can place the landmarks a hair
+    away from a one-image call, one grey level in the crop), then the run's crop 0.8."""
     from mobilenet_embed.align.alignment import AlignSpec, align_images, decode_file
-
-    spec = AlignSpec(size=64, template="arcface")
-    return align_images([decode_file(p) for p in same_shape_paths], spec)[0].image
-
-
-def test_eval_and_export_embeddings_align_raw_photos(run, photos, tmp_path):
     from mobilenet_embed.data import preprocess_images
     from mobilenet_embed.embedders import load_embedder
 
+    same_shape = [os.path.join(photos, "Eileen_Collins", f"Eileen_Collins_{j:04d}.png") for j in (1, 2)]
+    crop = align_images([decode_file(p) for p in same_shape], AlignSpec(size=64, template="arcface"))[0].image
+    return load_embedder(run).embed(preprocess_images(crop[None], SIZE, 0.8).numpy())[0]
+
+
+def test_eval_and_export_embeddings_align_raw_photos(run, photos, tmp_path):
     result, metrics = _eval(tmp_path, "--checkpoint", run, "--pairs-root", photos, "--pairs",
                             os.path.join(photos, "pairs.txt"), "--align", "--set", "eval.flip=false")
     assert result.exit_code == 0, result.output
@@ -233,12 +233,7 @@ def test_eval_and_export_embeddings_align_raw_photos(run, photos, tmp_path):
     assert result.exit_code == 0, result.output
     assert "alignment (arcface 64): aligned 2, no face 1 (centre-cropped, e.g. " in result.output
     emb = np.load(out / "embeddings.npy")
-    # row 0 is the astronaut aligned as `mbembed align` would (detected with its same-shape
-    # neighbour, as the folder's pipeline does), then the run's crop 0.8
-    paths = [os.path.join(photos, "Eileen_Collins", f"Eileen_Collins_{j:04d}.png") for j in (1, 2)]
-    crop = _aligned_as_the_folder_is(paths)
-    expected = load_embedder(run).embed(preprocess_images(crop[None], SIZE, 0.8).numpy())
-    np.testing.assert_allclose(emb[0], expected[0], atol=1e-5)
+    np.testing.assert_allclose(emb[0], _astronaut_embedding(run, photos), atol=1e-5)  # row 0: the astronaut
     # the aligned astronaut and its moved copy are closer than to the noise
     assert np.dot(emb[0], emb[1]) > np.dot(emb[0], emb[2])
 
@@ -269,8 +264,6 @@ def test_export_pairs_file_does_not_inherit_the_configs_folds(run, faces, tmp_pa
 def test_enroll_search_and_identification_align_raw_photos(run, photos, tmp_path):
     """`enroll --align`, `search --align` and `eval --protocol identification --align` align as
     `eval --align` does (`gallery.load_model` -> `aligned_source`): faces not found are counted."""
-    from mobilenet_embed.data import preprocess_images
-    from mobilenet_embed.embedders import load_embedder
 
     index = tmp_path / "gallery"
     result = _invoke("enroll", "--model", run, "--data", photos, "--out", index, "--align",
@@ -281,10 +274,7 @@ def test_enroll_search_and_identification_align_raw_photos(run, photos, tmp_path
     emb = np.load(index / meta["embeddings_file"])
     first = os.path.join(photos, "Eileen_Collins", "Eileen_Collins_0001.png")
     row = [r["sources"] for r in meta["rows"]].index([os.path.abspath(first)])
-    second = os.path.join(photos, "Eileen_Collins", "Eileen_Collins_0002.png")
-    crop = _aligned_as_the_folder_is([first, second])
-    expected = load_embedder(run).embed(preprocess_images(crop[None], SIZE, 0.8).numpy())
-    np.testing.assert_allclose(emb[row], expected[0], atol=1e-5)  # the aligned face, as eval --align
+    np.testing.assert_allclose(emb[row], _astronaut_embedding(run, photos), atol=1e-5)  # as eval --align
 
     moved = os.path.join(photos, "Eileen_Collins", "Eileen_Collins_0002.png")
     result = _invoke("search", "--index", index, moved, "--align", "--format", "jsonl", "--top-k", "1")
